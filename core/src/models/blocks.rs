@@ -1,0 +1,265 @@
+//! The parameterised building blocks and the registry that records them in construction order.
+//!
+//! The blocks own their variables directly instead of using `tch::nn`'s modules: tch registers a
+//! conv's bias before its weight and initialises BatchNorm weights uniformly in [0, 1), both of
+//! which differ from PyTorch, whose order and initialisation the reproduced papers assume.
+
+use std::collections::HashSet;
+
+use anyhow::{ensure, Result};
+use tch::nn::init::{FanInOut, NonLinearity, NormalOrUniform};
+use tch::nn::{self, Init, VarStore};
+use tch::Tensor;
+use trellis_sdk::LayerKind;
+
+use super::Layer;
+
+/// PyTorch's `nn.BatchNorm2d` defaults; tch's `BatchNormConfig` has the same values.
+const BN_EPS: f64 = 1e-5;
+const BN_MOMENTUM: f64 = 0.1;
+
+/// One variable of the network as the registry knows it.
+#[derive(Debug)]
+pub(crate) struct Var {
+    pub name: String,
+    pub layer: usize,
+    pub tensor: Tensor,
+    pub trainable: bool,
+}
+
+/// How a convolution's weight is initialised.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum ConvInit {
+    /// `kaiming_normal_(mode="fan_out", nonlinearity="relu")`, bias 0: what ResNet and VGG use.
+    KaimingFanOut,
+    /// `nn.Conv2d.reset_parameters`: weight and bias uniform in ±1/sqrt(fan_in).
+    PyTorchDefault,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConvSpec {
+    pub c_in: i64,
+    pub c_out: i64,
+    pub kernel: i64,
+    pub stride: i64,
+    pub padding: i64,
+    pub bias: bool,
+    pub init: ConvInit,
+}
+
+#[derive(Debug)]
+pub(crate) struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: i64,
+    padding: i64,
+}
+
+impl Conv2d {
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.conv2d(
+            &self.weight,
+            self.bias.as_ref(),
+            [self.stride, self.stride],
+            [self.padding, self.padding],
+            [1, 1],
+            1,
+        )
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct BatchNorm2d {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+}
+
+impl BatchNorm2d {
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        x.batch_norm(
+            Some(&self.weight),
+            Some(&self.bias),
+            Some(&self.running_mean),
+            Some(&self.running_var),
+            train,
+            BN_MOMENTUM,
+            BN_EPS,
+            true,
+        )
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, Some(&self.bias))
+    }
+}
+
+/// `kaiming_uniform_(a=sqrt(5))` reduces to this bound, and PyTorch's bias init uses it too.
+fn pytorch_default_uniform(fan_in: i64) -> Init {
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    Init::Uniform {
+        lo: -bound,
+        up: bound,
+    }
+}
+
+/// Creates variables under dotted PyTorch-style paths and remembers their order, because the
+/// `VarStore` keeps them in a `HashMap` and per-layer methods need a stable layer order.
+pub(crate) struct Builder<'a> {
+    vs: &'a VarStore,
+    layers: Vec<Layer>,
+    vars: Vec<Var>,
+    names: HashSet<String>,
+}
+
+impl<'a> Builder<'a> {
+    pub fn new(vs: &'a VarStore) -> Self {
+        Builder {
+            vs,
+            layers: Vec::new(),
+            vars: Vec::new(),
+            names: HashSet::new(),
+        }
+    }
+
+    pub fn finish(self) -> (Vec<Layer>, Vec<Var>) {
+        (self.layers, self.vars)
+    }
+
+    fn add_layer(&mut self, path: &str, kind: LayerKind) -> Result<(usize, nn::Path<'a>)> {
+        ensure!(
+            !self.layers.iter().any(|l| l.path == path),
+            "internal error: layer {path} registered twice"
+        );
+        let mut p = self.vs.root();
+        for part in path.split('.') {
+            p = p.sub(part);
+        }
+        self.layers.push(Layer {
+            path: path.to_string(),
+            kind,
+        });
+        Ok((self.layers.len() - 1, p))
+    }
+
+    fn register(
+        &mut self,
+        layer: usize,
+        p: &nn::Path,
+        name: &str,
+        tensor: &Tensor,
+        trainable: bool,
+    ) -> Result<()> {
+        let full = p.path(name);
+        // The VarStore silently renames a clashing variable, which would break checkpoints.
+        ensure!(
+            self.names.insert(full.clone()),
+            "internal error: variable {full} registered twice"
+        );
+        self.vars.push(Var {
+            name: full,
+            layer,
+            tensor: tensor.shallow_clone(),
+            trainable,
+        });
+        Ok(())
+    }
+
+    fn var(
+        &mut self,
+        layer: usize,
+        p: &nn::Path,
+        name: &str,
+        dims: &[i64],
+        init: Init,
+    ) -> Result<Tensor> {
+        let t = p.f_var(name, dims, init)?;
+        self.register(layer, p, name, &t, true)?;
+        Ok(t)
+    }
+
+    fn buffer(
+        &mut self,
+        layer: usize,
+        p: &nn::Path,
+        name: &str,
+        dims: &[i64],
+        one: bool,
+    ) -> Result<Tensor> {
+        let t = if one {
+            p.f_ones_no_train(name, dims)?
+        } else {
+            p.f_zeros_no_train(name, dims)?
+        };
+        self.register(layer, p, name, &t, false)?;
+        Ok(t)
+    }
+
+    pub fn conv2d(&mut self, path: &str, s: ConvSpec) -> Result<Conv2d> {
+        let (layer, p) = self.add_layer(path, LayerKind::Conv2d)?;
+        let fan_in = s.c_in * s.kernel * s.kernel;
+        let (w_init, b_init) = match s.init {
+            ConvInit::KaimingFanOut => (
+                Init::Kaiming {
+                    dist: NormalOrUniform::Normal,
+                    fan: FanInOut::FanOut,
+                    non_linearity: NonLinearity::ReLU,
+                },
+                Init::Const(0.0),
+            ),
+            ConvInit::PyTorchDefault => (
+                pytorch_default_uniform(fan_in),
+                pytorch_default_uniform(fan_in),
+            ),
+        };
+        let weight = self.var(
+            layer,
+            &p,
+            "weight",
+            &[s.c_out, s.c_in, s.kernel, s.kernel],
+            w_init,
+        )?;
+        let bias = if s.bias {
+            Some(self.var(layer, &p, "bias", &[s.c_out], b_init)?)
+        } else {
+            None
+        };
+        Ok(Conv2d {
+            weight,
+            bias,
+            stride: s.stride,
+            padding: s.padding,
+        })
+    }
+
+    pub fn batch_norm2d(&mut self, path: &str, channels: i64) -> Result<BatchNorm2d> {
+        let (layer, p) = self.add_layer(path, LayerKind::BatchNorm)?;
+        let weight = self.var(layer, &p, "weight", &[channels], Init::Const(1.0))?;
+        let bias = self.var(layer, &p, "bias", &[channels], Init::Const(0.0))?;
+        let running_mean = self.buffer(layer, &p, "running_mean", &[channels], false)?;
+        let running_var = self.buffer(layer, &p, "running_var", &[channels], true)?;
+        Ok(BatchNorm2d {
+            weight,
+            bias,
+            running_mean,
+            running_var,
+        })
+    }
+
+    pub fn linear(&mut self, path: &str, in_dim: i64, out_dim: i64) -> Result<Linear> {
+        let (layer, p) = self.add_layer(path, LayerKind::Linear)?;
+        let init = pytorch_default_uniform(in_dim);
+        let weight = self.var(layer, &p, "weight", &[out_dim, in_dim], init)?;
+        let bias = self.var(layer, &p, "bias", &[out_dim], init)?;
+        Ok(Linear { weight, bias })
+    }
+}

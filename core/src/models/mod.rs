@@ -1,0 +1,689 @@
+//! The model zoo: the reference architectures of the reproduced papers, with PyTorch's module
+//! names, registration order, initialisation and BatchNorm semantics, so that checkpoints and
+//! per-layer methods (pruning, TempBalance) line up with the original code.
+
+mod blocks;
+mod resnet;
+mod small;
+mod vgg;
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::path::Path;
+
+use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use tch::nn::VarStore;
+use tch::{Device, Tensor};
+use trellis_sdk::LayerKind;
+
+use blocks::{Builder, Linear, Var};
+
+/// The `[model]` table of a run config.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    /// Channel multiplier (hidden-size multiplier for the MLP): `max(1, round(c · width))`.
+    #[serde(default = "default_width")]
+    pub width: f64,
+    /// MLP hidden layer sizes, `[256, 256]` when absent; refused for the other architectures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden: Option<Vec<i64>>,
+}
+
+fn default_width() -> f64 {
+    1.0
+}
+
+impl ModelConfig {
+    /// The architecture at full width with its default hidden sizes.
+    pub fn new(arch: Arch) -> Self {
+        ModelConfig {
+            arch,
+            width: default_width(),
+            hidden: None,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            self.width.is_finite() && self.width > 0.0,
+            "model.width must be a positive number, got {}",
+            self.width
+        );
+        if let Some(hidden) = &self.hidden {
+            ensure!(
+                self.arch == Arch::Mlp,
+                "model.hidden only applies to arch = \"mlp\", not to \"{}\"",
+                self.arch
+            );
+            ensure!(
+                hidden.iter().all(|&h| h > 0),
+                "model.hidden sizes must be positive, got {hidden:?}"
+            );
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Arch {
+    Resnet18,
+    Resnet34,
+    Vgg16Bn,
+    Mlp,
+    Lenet5,
+}
+
+impl Arch {
+    /// The name used in config files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Resnet18 => "resnet18",
+            Arch::Resnet34 => "resnet34",
+            Arch::Vgg16Bn => "vgg16_bn",
+            Arch::Mlp => "mlp",
+            Arch::Lenet5 => "lenet5",
+        }
+    }
+
+    /// The classifier's module name in the reference implementation.
+    fn head_name(self) -> &'static str {
+        match self {
+            Arch::Resnet18 | Arch::Resnet34 => "linear",
+            Arch::Vgg16Bn => "classifier",
+            Arch::Mlp => "head",
+            Arch::Lenet5 => "fc3",
+        }
+    }
+}
+
+impl fmt::Display for Arch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Rounds like Python's `round` (half to even) so that widths give the same channel counts as
+/// the reference code's `int(round(c * width))`.
+pub(crate) fn scaled(c: i64, width: f64) -> i64 {
+    ((c as f64 * width).round_ties_even() as i64).max(1)
+}
+
+/// One module that owns parameters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layer {
+    /// The module's dotted PyTorch name, e.g. `layer1.0.conv1`.
+    pub path: String,
+    pub kind: LayerKind,
+}
+
+#[derive(Debug)]
+enum Body {
+    ResNet(resnet::ResNet),
+    Vgg(vgg::Vgg),
+    Mlp(small::Mlp),
+    LeNet5(small::LeNet5),
+}
+
+/// A classifier: a feature extractor and a linear head, with its variables in a `VarStore`.
+#[derive(Debug)]
+pub struct Network {
+    vs: VarStore,
+    cfg: ModelConfig,
+    body: Body,
+    head: Linear,
+    feature_dim: i64,
+    layers: Vec<Layer>,
+    /// Shallow clones of the `VarStore`'s tensors (same storage) in registration order.
+    vars: Vec<Var>,
+}
+
+impl Network {
+    /// Input is `[B, in_channels, image_size, image_size]` float; CIFAR: 3 channels, 32 pixels.
+    pub fn build(
+        cfg: &ModelConfig,
+        num_classes: i64,
+        in_channels: i64,
+        image_size: i64,
+        device: Device,
+    ) -> Result<Network> {
+        cfg.validate()?;
+        ensure!(
+            num_classes >= 1,
+            "a classifier needs at least one class, got {num_classes}"
+        );
+        ensure!(
+            in_channels >= 1,
+            "input channels must be positive, got {in_channels}"
+        );
+        ensure!(
+            image_size >= 1,
+            "image size must be positive, got {image_size}"
+        );
+        let vs = VarStore::new(device);
+        let mut b = Builder::new(&vs);
+        let w = cfg.width;
+        let (body, feature_dim) = match cfg.arch {
+            Arch::Resnet18 | Arch::Resnet34 => {
+                let depths = if cfg.arch == Arch::Resnet18 {
+                    [2, 2, 2, 2]
+                } else {
+                    [3, 4, 6, 3]
+                };
+                let (net, dim) = resnet::ResNet::new(&mut b, depths, w, in_channels)?;
+                (Body::ResNet(net), dim)
+            }
+            Arch::Vgg16Bn => {
+                let (net, dim) = vgg::Vgg::new(&mut b, w, in_channels, image_size)?;
+                (Body::Vgg(net), dim)
+            }
+            Arch::Mlp => {
+                let hidden = cfg.hidden.as_deref().unwrap_or(&small::DEFAULT_HIDDEN);
+                let in_dim = in_channels * image_size * image_size;
+                let (net, dim) = small::Mlp::new(&mut b, hidden, w, in_dim)?;
+                (Body::Mlp(net), dim)
+            }
+            Arch::Lenet5 => {
+                let (net, dim) = small::LeNet5::new(&mut b, w, in_channels, image_size)?;
+                (Body::LeNet5(net), dim)
+            }
+        };
+        let head = b.linear(cfg.arch.head_name(), feature_dim, num_classes)?;
+        let (layers, vars) = b.finish();
+        Ok(Network {
+            vs,
+            cfg: cfg.clone(),
+            body,
+            head,
+            feature_dim,
+            layers,
+            vars,
+        })
+    }
+
+    /// Logits `[B, classes]` and the pooled features fed to the classifier `[B, feature_dim]`.
+    /// `train` selects batch statistics (and updates the running ones) in BatchNorm layers.
+    pub fn forward(&self, x: &Tensor, train: bool) -> (Tensor, Tensor) {
+        let features = match &self.body {
+            Body::ResNet(net) => net.features(x, train),
+            Body::Vgg(net) => net.features(x, train),
+            Body::Mlp(net) => net.features(x),
+            Body::LeNet5(net) => net.features(x),
+        };
+        (self.head(&features), features)
+    }
+
+    /// The classifier head alone, applied to given features.
+    pub fn head(&self, features: &Tensor) -> Tensor {
+        self.head.forward(features)
+    }
+
+    pub fn feature_dim(&self) -> i64 {
+        self.feature_dim
+    }
+
+    /// Modules that own parameters, in registration order.
+    pub fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    /// Trainable parameters in registration order: full name, index into `layers()`, tensor.
+    pub fn parameters(&self) -> Vec<(String, usize, Tensor)> {
+        let params = self.vars.iter().filter(|v| v.trainable);
+        params
+            .map(|v| (v.name.clone(), v.layer, v.tensor.shallow_clone()))
+            .collect()
+    }
+
+    /// Non-trainable buffers (BatchNorm running statistics) in registration order.
+    pub fn buffers(&self) -> Vec<(String, Tensor)> {
+        let buffers = self.vars.iter().filter(|v| !v.trainable);
+        buffers
+            .map(|v| (v.name.clone(), v.tensor.shallow_clone()))
+            .collect()
+    }
+
+    /// Every variable, parameters and buffers, in registration order.
+    pub fn state_dict(&self) -> Vec<(String, Tensor)> {
+        self.vars
+            .iter()
+            .map(|v| (v.name.clone(), v.tensor.shallow_clone()))
+            .collect()
+    }
+
+    /// The number of trainable elements.
+    pub fn num_parameters(&self) -> i64 {
+        self.vars
+            .iter()
+            .filter(|v| v.trainable)
+            .map(|v| v.tensor.numel() as i64)
+            .sum()
+    }
+
+    pub fn var_store(&self) -> &VarStore {
+        &self.vs
+    }
+
+    pub fn var_store_mut(&mut self) -> &mut VarStore {
+        &mut self.vs
+    }
+
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Saves every variable as safetensors under the names of `state_dict()`.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let tensors: Vec<(String, Tensor)> = self
+            .state_dict()
+            .into_iter()
+            .map(|(name, t)| (name, t.detach().to_device(Device::Cpu).contiguous()))
+            .collect();
+        // Written beside the target and renamed, so that a crash mid-write never replaces a good
+        // checkpoint with a truncated one.
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = Path::new(&tmp);
+        Tensor::write_safetensors(&tensors, tmp)
+            .with_context(|| format!("writing model weights to {}", tmp.display()))?;
+        std::fs::rename(tmp, path)
+            .with_context(|| format!("moving {} to {}", tmp.display(), path.display()))?;
+        Ok(())
+    }
+
+    /// Loads a file written by `save()`. Strict: every name must be present with the same shape,
+    /// and nothing is changed unless the whole file matches.
+    pub fn load(&mut self, path: &Path) -> Result<()> {
+        let file = Tensor::read_safetensors(path)
+            .with_context(|| format!("reading model weights from {}", path.display()))?;
+        let file: HashMap<String, Tensor> = file.into_iter().collect();
+        let ours: HashSet<&str> = self.vars.iter().map(|v| v.name.as_str()).collect();
+
+        let mut missing = Vec::new();
+        let mut mismatched = Vec::new();
+        for v in &self.vars {
+            match file.get(&v.name) {
+                None => missing.push(v.name.clone()),
+                Some(t) if t.size() != v.tensor.size() => mismatched.push(format!(
+                    "{} (file {:?}, model {:?})",
+                    v.name,
+                    t.size(),
+                    v.tensor.size()
+                )),
+                Some(_) => {}
+            }
+        }
+        let mut unexpected: Vec<String> = file
+            .keys()
+            .filter(|n| !ours.contains(n.as_str()))
+            .cloned()
+            .collect();
+        unexpected.sort();
+
+        if !(missing.is_empty() && unexpected.is_empty() && mismatched.is_empty()) {
+            let mut problems = Vec::new();
+            for (what, list) in [
+                ("missing from the file", &missing),
+                ("unexpected in the file", &unexpected),
+                ("with a different shape", &mismatched),
+            ] {
+                if !list.is_empty() {
+                    problems.push(format!("{} {what}: {}", list.len(), abbreviate(list)));
+                }
+            }
+            bail!(
+                "{} does not hold the weights of this {} model: {}",
+                path.display(),
+                self.cfg.arch,
+                problems.join("; ")
+            );
+        }
+
+        tch::no_grad(|| -> Result<()> {
+            for v in &self.vars {
+                let mut dst = v.tensor.shallow_clone();
+                dst.f_copy_(&file[&v.name])
+                    .with_context(|| format!("copying {} from {}", v.name, path.display()))?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// The first few names of a list, so an error stays readable when everything mismatches.
+fn abbreviate(list: &[String]) -> String {
+    const SHOWN: usize = 10;
+    let mut text = list
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if list.len() > SHOWN {
+        text.push_str(&format!(", … and {} more", list.len() - SHOWN));
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    const ALL: [Arch; 5] = [
+        Arch::Resnet18,
+        Arch::Resnet34,
+        Arch::Vgg16Bn,
+        Arch::Mlp,
+        Arch::Lenet5,
+    ];
+
+    fn small(arch: Arch) -> Network {
+        let cfg = ModelConfig {
+            width: 0.125,
+            ..ModelConfig::new(arch)
+        };
+        Network::build(&cfg, 10, 3, 32, Device::Cpu).unwrap()
+    }
+
+    fn batch() -> Tensor {
+        Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu))
+    }
+
+    fn get(net: &Network, name: &str) -> Tensor {
+        net.state_dict()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .unwrap()
+            .1
+    }
+
+    #[test]
+    fn config_from_toml() {
+        for (text, arch) in [
+            ("resnet18", Arch::Resnet18),
+            ("resnet34", Arch::Resnet34),
+            ("vgg16_bn", Arch::Vgg16Bn),
+            ("mlp", Arch::Mlp),
+            ("lenet5", Arch::Lenet5),
+        ] {
+            let cfg: ModelConfig = toml::from_str(&format!("arch = \"{text}\"")).unwrap();
+            assert_eq!(cfg, ModelConfig::new(arch));
+            assert_eq!(arch.to_string(), text);
+        }
+        let cfg: ModelConfig =
+            toml::from_str("arch = \"mlp\"\nwidth = 0.5\nhidden = [128, 64]").unwrap();
+        assert_eq!(
+            cfg,
+            ModelConfig {
+                arch: Arch::Mlp,
+                width: 0.5,
+                hidden: Some(vec![128, 64])
+            }
+        );
+        let back: ModelConfig = toml::from_str(&toml::to_string(&cfg).unwrap()).unwrap();
+        assert_eq!(back, cfg);
+
+        let unknown = toml::from_str::<ModelConfig>("arch = \"resnet18\"\ndepth = 3");
+        assert!(unknown.unwrap_err().to_string().contains("depth"));
+        assert!(toml::from_str::<ModelConfig>("arch = \"resnet50\"").is_err());
+        assert!(toml::from_str::<ModelConfig>("width = 1.0").is_err());
+    }
+
+    #[test]
+    fn config_validation() {
+        for width in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let cfg = ModelConfig {
+                width,
+                ..ModelConfig::new(Arch::Resnet18)
+            };
+            let err = Network::build(&cfg, 10, 3, 32, Device::Cpu).unwrap_err();
+            assert!(err.to_string().contains("width"), "{err}");
+        }
+        let cfg = ModelConfig {
+            hidden: Some(vec![64]),
+            ..ModelConfig::new(Arch::Resnet18)
+        };
+        let err = Network::build(&cfg, 10, 3, 32, Device::Cpu).unwrap_err();
+        assert!(err.to_string().contains("hidden") && err.to_string().contains("resnet18"));
+        let cfg = ModelConfig {
+            hidden: Some(vec![64, 0]),
+            ..ModelConfig::new(Arch::Mlp)
+        };
+        assert!(Network::build(&cfg, 10, 3, 32, Device::Cpu).is_err());
+        assert!(Network::build(&ModelConfig::new(Arch::Mlp), 0, 3, 32, Device::Cpu).is_err());
+        // A tiny width still leaves every layer at least one channel.
+        assert_eq!(scaled(64, 1e-6), 1);
+        // Python's round: 84 × 0.125 = 10.5 → 10, 6 × 0.25 = 1.5 → 2.
+        assert_eq!(
+            (scaled(84, 0.125), scaled(6, 0.25), scaled(64, 0.25)),
+            (10, 2, 16)
+        );
+    }
+
+    #[test]
+    fn output_shapes_and_head_for_every_arch() {
+        tch::manual_seed(0);
+        let x = batch();
+        for (arch, dim) in [
+            (Arch::Resnet18, 64),
+            (Arch::Resnet34, 64),
+            (Arch::Vgg16Bn, 64),
+            (Arch::Mlp, 32),
+            (Arch::Lenet5, 10),
+        ] {
+            let net = small(arch);
+            assert_eq!(net.feature_dim(), dim, "{arch}");
+            for train in [true, false] {
+                let (logits, features) = net.forward(&x, train);
+                assert_eq!(logits.size(), [2, 10], "{arch}");
+                assert_eq!(features.size(), [2, dim], "{arch}");
+                if !train {
+                    assert!(
+                        net.head(&features).allclose(&logits, 1e-5, 1e-6, false),
+                        "{arch}"
+                    );
+                }
+            }
+            let head = net.layers().last().unwrap();
+            assert_eq!(
+                (head.path.as_str(), head.kind),
+                (arch.head_name(), LayerKind::Linear)
+            );
+            assert_eq!(net.config().arch, arch);
+        }
+    }
+
+    #[test]
+    fn registry_matches_var_store() {
+        for arch in ALL {
+            let net = small(arch);
+            let vars = net.var_store().variables();
+            let state = net.state_dict();
+            assert_eq!(vars.len(), state.len(), "{arch}");
+            for (name, t) in &state {
+                let stored = &vars[name];
+                assert_eq!(stored.data_ptr(), t.data_ptr(), "{arch} {name}");
+            }
+            let params = net.parameters();
+            assert_eq!(
+                net.var_store().trainable_variables().len(),
+                params.len(),
+                "{arch}"
+            );
+            assert!(params.iter().all(|(_, _, t)| t.requires_grad()));
+            assert!(net.buffers().iter().all(|(_, t)| !t.requires_grad()));
+            let total: i64 = params.iter().map(|(_, _, t)| t.numel() as i64).sum();
+            assert_eq!(total, net.num_parameters());
+        }
+    }
+
+    #[test]
+    fn train_flag_controls_batch_norm() {
+        tch::manual_seed(1);
+        let net = small(Arch::Resnet18);
+        let x = batch();
+        let mean = get(&net, "bn1.running_mean");
+        let var = get(&net, "bn1.running_var");
+
+        let (eval1, _) = net.forward(&x, false);
+        assert_eq!(
+            mean.abs().sum(Kind::Float).double_value(&[]),
+            0.0,
+            "eval updated stats"
+        );
+        let (train1, _) = net.forward(&x, true);
+        assert!(
+            !train1.allclose(&eval1, 1e-4, 1e-5, false),
+            "train used running stats"
+        );
+
+        // PyTorch's update: momentum 0.1 and the unbiased batch variance.
+        let stem =
+            tch::no_grad(|| x.conv2d(&get(&net, "conv1.weight"), None::<&Tensor>, 1, 1, 1, 1));
+        let batch_mean = stem.mean_dim(&[0, 2, 3][..], false, Kind::Float);
+        let batch_var = stem.var_dim(&[0, 2, 3][..], true, false);
+        assert!(mean.allclose(&(batch_mean * 0.1), 1e-4, 1e-6, false));
+        assert!(var.allclose(&(batch_var * 0.1 + 0.9), 1e-4, 1e-6, false));
+
+        let (eval2, _) = net.forward(&x, false);
+        assert!(
+            !eval2.allclose(&eval1, 1e-4, 1e-5, false),
+            "eval ignored running stats"
+        );
+        let (eval3, _) = net.forward(&x, false);
+        assert!(eval3.equal(&eval2), "eval is not deterministic");
+    }
+
+    #[test]
+    fn save_then_load_restores_outputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let x = batch();
+        for arch in ALL {
+            tch::manual_seed(10);
+            let src = small(arch);
+            // Non-trivial running statistics must survive the round trip too.
+            let _ = src.forward(&x, true);
+            let path = dir.path().join(format!("{arch}.safetensors"));
+            src.save(&path).unwrap();
+            let written: Vec<String> = Tensor::read_safetensors(&path)
+                .unwrap()
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect();
+            let expected: HashSet<String> = src.state_dict().into_iter().map(|(n, _)| n).collect();
+            assert_eq!(
+                written.into_iter().collect::<HashSet<_>>(),
+                expected,
+                "{arch}"
+            );
+
+            tch::manual_seed(11);
+            let mut dst = small(arch);
+            let (before, _) = dst.forward(&x, false);
+            let (want, want_features) = src.forward(&x, false);
+            assert!(
+                !before.allclose(&want, 1e-4, 1e-5, false),
+                "{arch}: seeds gave equal nets"
+            );
+            dst.load(&path).unwrap();
+            let (got, got_features) = dst.forward(&x, false);
+            assert!(got.equal(&want), "{arch}");
+            assert!(got_features.equal(&want_features), "{arch}");
+            for (name, t) in src.state_dict() {
+                let loaded = get(&dst, &name);
+                assert!(loaded.equal(&t), "{arch} {name}");
+                assert_ne!(
+                    loaded.data_ptr(),
+                    t.data_ptr(),
+                    "{arch} {name} shares storage"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn load_rejects_mismatched_files() {
+        tch::manual_seed(2);
+        let dir = tempfile::tempdir().unwrap();
+        let src = small(Arch::Resnet18);
+        let state = src.state_dict();
+        let write = |file: &str, tensors: &[(String, Tensor)]| {
+            let path = dir.path().join(file);
+            Tensor::write_safetensors(tensors, &path).unwrap();
+            path
+        };
+        let without = |name: &str| -> Vec<(String, Tensor)> {
+            let kept = state.iter().filter(|(n, _)| n != name);
+            kept.map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
+        };
+
+        tch::manual_seed(3);
+        let mut dst = small(Arch::Resnet18);
+        let before = get(&dst, "conv1.weight").copy();
+
+        let missing = write(
+            "missing.safetensors",
+            &without("layer2.0.shortcut.1.running_var"),
+        );
+        let mut extra = without("");
+        extra.push((
+            "layer5.0.conv1.weight".into(),
+            Tensor::zeros([1], (Kind::Float, Device::Cpu)),
+        ));
+        let extra = write("extra.safetensors", &extra);
+        let mut reshaped = without("linear.weight");
+        reshaped.push((
+            "linear.weight".into(),
+            Tensor::zeros([7, 64], (Kind::Float, Device::Cpu)),
+        ));
+        let reshaped = write("shape.safetensors", &reshaped);
+
+        for (path, needles) in [
+            (
+                &missing,
+                vec!["layer2.0.shortcut.1.running_var", "1 missing"],
+            ),
+            (&extra, vec!["layer5.0.conv1.weight", "1 unexpected"]),
+            (
+                &reshaped,
+                vec![
+                    "linear.weight",
+                    "[7, 64]",
+                    "[10, 64]",
+                    "1 with a different shape",
+                ],
+            ),
+        ] {
+            let err = format!("{:#}", dst.load(path).unwrap_err());
+            assert!(err.contains(&path.display().to_string()), "{err}");
+            for needle in needles {
+                assert!(err.contains(needle), "{needle:?} not in: {err}");
+            }
+        }
+        // A rejected file leaves every weight untouched, even the ones it did hold.
+        assert!(get(&dst, "conv1.weight").equal(&before));
+
+        // A file of another architecture names many problems but keeps the message short.
+        let lenet = write("lenet.safetensors", &small(Arch::Lenet5).state_dict());
+        let err = dst.load(&lenet).unwrap_err().to_string();
+        assert!(
+            err.contains("… and") && err.contains("more") && err.contains("fc3.weight"),
+            "{err}"
+        );
+        assert!(dst.load(&dir.path().join("absent.safetensors")).is_err());
+    }
+
+    #[test]
+    fn network_is_send() {
+        fn assert_send<T: Send>() {}
+        assert_send::<Network>();
+    }
+}

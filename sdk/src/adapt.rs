@@ -1,0 +1,588 @@
+//! Translation between the Rust traits of [`crate::roles`] / [`crate::host`] and the ABI objects
+//! of [`crate::abi`], in both directions.
+//!
+//! Every call that enters code on the other side of the boundary runs under [`guard`]: a panic
+//! there (including tch's panicking methods) becomes an [`ErrorKind::Panic`] error instead of
+//! unwinding into an `extern "C"` frame, which would abort the whole process.
+
+use std::cell::RefCell;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+
+use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, RVec};
+use tch::Tensor;
+
+use crate::abi::*;
+use crate::error::{Error, Result};
+use crate::host::{HostServices, Model, ModelServices};
+use crate::roles::*;
+use crate::tensor::{TensorHandle, TensorRef};
+
+thread_local! {
+    /// Filled by the panic hook a plugin installs at load time: the message with its location.
+    static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Records panics with their location instead of printing them: the host reports them, naming
+/// the plugin and component. Installed in each plugin (a dylib has its own copy of std's hook).
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = panic_message(info.payload());
+        let text = match info.location() {
+            Some(at) => format!("{message} (at {}:{})", at.file(), at.line()),
+            None => message,
+        };
+        LAST_PANIC.with(|p| *p.borrow_mut() = Some(text));
+    }));
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_string()
+    }
+}
+
+/// Runs `f`, turning a panic into an error.
+pub fn guard<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    LAST_PANIC.with(|p| p.borrow_mut().take());
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(result) => result,
+        Err(payload) => {
+            let recorded = LAST_PANIC.with(|p| p.borrow_mut().take());
+            Err(Error::panic(
+                recorded.unwrap_or_else(|| panic_message(payload.as_ref())),
+            ))
+        }
+    }
+}
+
+fn ffi<T, U>(f: impl FnOnce() -> Result<T>, convert: impl FnOnce(T) -> U) -> FfiResult<U> {
+    match guard(f) {
+        Ok(v) => RResult::ROk(convert(v)),
+        Err(e) => RResult::RErr(e.into()),
+    }
+}
+
+fn from_ffi<T>(r: FfiResult<T>) -> Result<T> {
+    r.into_result().map_err(Error::from)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plain data.
+
+pub(crate) fn to_ffi_named(tensors: Vec<(String, Tensor)>) -> RVec<FfiNamedTensor> {
+    tensors
+        .into_iter()
+        .map(|(name, tensor)| FfiNamedTensor {
+            name: name.into(),
+            tensor: tensor.into(),
+        })
+        .collect()
+}
+
+pub(crate) fn from_ffi_named(tensors: RVec<FfiNamedTensor>) -> Vec<(String, Tensor)> {
+    tensors
+        .into_iter()
+        .map(|t| (t.name.into_string(), t.tensor.into_tensor()))
+        .collect()
+}
+
+fn to_ffi_state(state: State) -> FfiState {
+    FfiState {
+        tensors: to_ffi_named(state.tensors),
+        meta: state.meta.into(),
+    }
+}
+
+fn from_ffi_state(state: FfiState) -> State {
+    State {
+        tensors: from_ffi_named(state.tensors),
+        meta: state.meta.into_string(),
+    }
+}
+
+pub(crate) fn from_ffi_param(p: FfiParam) -> Param {
+    Param {
+        name: p.name.into_string(),
+        module: p.module.into_string(),
+        kind: p.kind,
+        tensor: p.tensor.into_tensor(),
+    }
+}
+
+fn to_ffi_param(p: Param) -> FfiParam {
+    FfiParam {
+        name: p.name.into(),
+        module: p.module.into(),
+        kind: p.kind,
+        tensor: p.tensor.into(),
+    }
+}
+
+pub(crate) fn from_ffi_batch(b: FfiBatch) -> Batch {
+    Batch {
+        inputs: b.inputs.into_tensor(),
+        targets: b.targets.into_tensor(),
+    }
+}
+
+fn to_ffi_batch(b: Batch) -> FfiBatch {
+    FfiBatch {
+        inputs: b.inputs.into(),
+        targets: b.targets.into(),
+    }
+}
+
+fn batch_from_ref(b: FfiBatchRef<'_>) -> Batch {
+    Batch {
+        inputs: b.inputs.to_owned(),
+        targets: b.targets.to_owned(),
+    }
+}
+
+fn batch_ref(b: &Batch) -> FfiBatchRef<'_> {
+    FfiBatchRef {
+        inputs: TensorRef::new(&b.inputs),
+        targets: TensorRef::new(&b.targets),
+    }
+}
+
+pub(crate) fn from_ffi_outputs(o: FfiOutputs) -> Outputs {
+    Outputs {
+        logits: o.logits.into_tensor(),
+        features: o.features.into_tensor(),
+    }
+}
+
+fn outputs_from_ref(o: FfiOutputsRef<'_>) -> Outputs {
+    Outputs {
+        logits: o.logits.to_owned(),
+        features: o.features.to_owned(),
+    }
+}
+
+fn outputs_ref(o: &Outputs) -> FfiOutputsRef<'_> {
+    FfiOutputsRef {
+        logits: TensorRef::new(&o.logits),
+        features: TensorRef::new(&o.features),
+    }
+}
+
+fn strings(v: Vec<String>) -> RVec<RString> {
+    v.into_iter().map(RString::from).collect()
+}
+
+fn from_strings(v: RVec<RString>) -> Vec<String> {
+    v.into_iter().map(RString::into_string).collect()
+}
+
+fn to_ffi_values(v: MetricValues) -> FfiMetricValues {
+    FfiMetricValues {
+        scalars: v
+            .scalars
+            .into_iter()
+            .map(|(name, value)| FfiScalar {
+                name: name.into(),
+                value,
+            })
+            .collect(),
+        tables: v
+            .tables
+            .into_iter()
+            .map(|t| FfiTable {
+                name: t.name.into(),
+                columns: strings(t.columns),
+                rows: t
+                    .rows
+                    .into_iter()
+                    .map(|(label, values)| FfiRow {
+                        label: label.into(),
+                        values: values.into(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+fn from_ffi_values(v: FfiMetricValues) -> MetricValues {
+    MetricValues {
+        scalars: v
+            .scalars
+            .into_iter()
+            .map(|s| (s.name.into_string(), s.value))
+            .collect(),
+        tables: v
+            .tables
+            .into_iter()
+            .map(|t| Table {
+                name: t.name.into_string(),
+                columns: from_strings(t.columns),
+                rows: t
+                    .rows
+                    .into_iter()
+                    .map(|r| (r.label.into_string(), r.values.into_vec()))
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plugin side: a component implemented in Rust, exposed as an ABI object.
+
+/// Wraps a component so every call into it is guarded against panics.
+pub struct Guarded<T>(pub T);
+
+impl<T: Optimizer + 'static> FfiOptimizer for Guarded<T> {
+    fn set_param_groups(&mut self, groups: RVec<FfiParamGroup>) -> FfiResult<()> {
+        let groups = groups
+            .into_iter()
+            .map(|g| ParamGroup {
+                name: g.name.into_string(),
+                params: from_ffi_named(g.params),
+                lr: g.lr,
+                weight_decay: g.weight_decay,
+            })
+            .collect();
+        ffi(|| self.0.set_param_groups(groups), |v| v)
+    }
+    fn set_learning_rates(&mut self, rates: RSlice<'_, f64>) -> FfiResult<()> {
+        ffi(|| self.0.set_learning_rates(rates.as_slice()), |v| v)
+    }
+    fn step(&mut self) -> FfiResult<()> {
+        ffi(|| self.0.step(), |v| v)
+    }
+    fn state(&self) -> FfiResult<FfiState> {
+        ffi(|| self.0.state(), to_ffi_state)
+    }
+    fn load_state(&mut self, state: FfiState) -> FfiResult<()> {
+        let state = from_ffi_state(state);
+        ffi(|| self.0.load_state(state), |v| v)
+    }
+}
+
+impl<T: Scheduler + 'static> FfiScheduler for Guarded<T> {
+    fn param_groups(&mut self) -> FfiResult<RVec<FfiGroupSpec>> {
+        ffi(
+            || self.0.param_groups(),
+            |groups| {
+                groups
+                    .into_iter()
+                    .map(|g| FfiGroupSpec {
+                        name: g.name.into(),
+                        params: strings(g.params),
+                    })
+                    .collect()
+            },
+        )
+    }
+    fn learning_rates(&mut self, point: SchedulePoint) -> FfiResult<ROption<RVec<f64>>> {
+        ffi(
+            || self.0.learning_rates(point),
+            |rates| rates.map(RVec::from).into(),
+        )
+    }
+    fn state(&self) -> FfiResult<FfiState> {
+        ffi(|| self.0.state(), to_ffi_state)
+    }
+    fn load_state(&mut self, state: FfiState) -> FfiResult<()> {
+        let state = from_ffi_state(state);
+        ffi(|| self.0.load_state(state), |v| v)
+    }
+}
+
+impl<T: Pruner + 'static> FfiPruner for Guarded<T> {
+    fn prune(&mut self, request: FfiPruneRequest) -> FfiResult<FfiPruneResult> {
+        let request = PruneRequest {
+            density: request.density,
+            scope: request.scope,
+            batches: request.batches.into_iter().map(from_ffi_batch).collect(),
+        };
+        ffi(
+            || self.0.prune(request),
+            |r| FfiPruneResult {
+                masks: to_ffi_named(r.masks),
+                scores: to_ffi_named(r.scores),
+            },
+        )
+    }
+}
+
+impl<T: Distiller + 'static> FfiDistiller for Guarded<T> {
+    fn trainable_parameters(&mut self) -> FfiResult<RVec<FfiNamedTensor>> {
+        ffi(|| self.0.trainable_parameters(), to_ffi_named)
+    }
+    fn replaces_task_loss(&self) -> bool {
+        guard(|| Ok(self.0.replaces_task_loss())).unwrap_or(false)
+    }
+    fn set_training(&mut self, train: bool) {
+        let _ = guard(|| {
+            self.0.set_training(train);
+            Ok(())
+        });
+    }
+    fn loss(
+        &mut self,
+        batch: FfiBatchRef<'_>,
+        outputs: FfiOutputsRef<'_>,
+    ) -> FfiResult<RVec<FfiLossTerm>> {
+        ffi(
+            || self.0.loss(&batch_from_ref(batch), &outputs_from_ref(outputs)),
+            |terms| {
+                terms
+                    .into_iter()
+                    .map(|(name, value)| FfiLossTerm {
+                        name: name.into(),
+                        value: value.into(),
+                    })
+                    .collect()
+            },
+        )
+    }
+    fn state(&self) -> FfiResult<FfiState> {
+        ffi(|| self.0.state(), to_ffi_state)
+    }
+    fn load_state(&mut self, state: FfiState) -> FfiResult<()> {
+        let state = from_ffi_state(state);
+        ffi(|| self.0.load_state(state), |v| v)
+    }
+}
+
+impl<T: Metric + 'static> FfiMetric for Guarded<T> {
+    fn reset(&mut self) -> FfiResult<()> {
+        ffi(|| self.0.reset(), |v| v)
+    }
+    fn wants_batches(&self) -> bool {
+        guard(|| Ok(self.0.wants_batches())).unwrap_or(true)
+    }
+    fn update(&mut self, batch: FfiBatchRef<'_>, outputs: FfiOutputsRef<'_>) -> FfiResult<()> {
+        ffi(
+            || self.0.update(&batch_from_ref(batch), &outputs_from_ref(outputs)),
+            |v| v,
+        )
+    }
+    fn compute(&mut self, info: FfiEpochInfo) -> FfiResult<FfiMetricValues> {
+        let info = EpochInfo {
+            epoch: info.epoch,
+            epochs: info.epochs,
+            step: info.step,
+        };
+        ffi(|| self.0.compute(info), to_ffi_values)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side: an ABI object from a plugin, used through the Rust trait.
+
+pub type OptimizerBox = FfiOptimizer_TO<'static, abi_stable::std_types::RBox<()>>;
+pub type SchedulerBox = FfiScheduler_TO<'static, abi_stable::std_types::RBox<()>>;
+pub type PrunerBox = FfiPruner_TO<'static, abi_stable::std_types::RBox<()>>;
+pub type DistillerBox = FfiDistiller_TO<'static, abi_stable::std_types::RBox<()>>;
+pub type MetricBox = FfiMetric_TO<'static, abi_stable::std_types::RBox<()>>;
+
+impl Optimizer for OptimizerBox {
+    fn set_param_groups(&mut self, groups: Vec<ParamGroup>) -> Result<()> {
+        let groups = groups
+            .into_iter()
+            .map(|g| FfiParamGroup {
+                name: g.name.into(),
+                params: to_ffi_named(g.params),
+                lr: g.lr,
+                weight_decay: g.weight_decay,
+            })
+            .collect();
+        from_ffi(FfiOptimizer_TO::set_param_groups(self, groups))
+    }
+    fn set_learning_rates(&mut self, rates: &[f64]) -> Result<()> {
+        from_ffi(FfiOptimizer_TO::set_learning_rates(self, rates.into()))
+    }
+    fn step(&mut self) -> Result<()> {
+        from_ffi(FfiOptimizer_TO::step(self))
+    }
+    fn state(&self) -> Result<State> {
+        from_ffi(FfiOptimizer_TO::state(self)).map(from_ffi_state)
+    }
+    fn load_state(&mut self, state: State) -> Result<()> {
+        from_ffi(FfiOptimizer_TO::load_state(self, to_ffi_state(state)))
+    }
+}
+
+impl Scheduler for SchedulerBox {
+    fn param_groups(&mut self) -> Result<Vec<GroupSpec>> {
+        let groups = from_ffi(FfiScheduler_TO::param_groups(self))?;
+        Ok(groups
+            .into_iter()
+            .map(|g| GroupSpec {
+                name: g.name.into_string(),
+                params: from_strings(g.params),
+            })
+            .collect())
+    }
+    fn learning_rates(&mut self, point: SchedulePoint) -> Result<Option<Vec<f64>>> {
+        let rates = from_ffi(FfiScheduler_TO::learning_rates(self, point))?;
+        Ok(rates.into_option().map(RVec::into_vec))
+    }
+    fn state(&self) -> Result<State> {
+        from_ffi(FfiScheduler_TO::state(self)).map(from_ffi_state)
+    }
+    fn load_state(&mut self, state: State) -> Result<()> {
+        from_ffi(FfiScheduler_TO::load_state(self, to_ffi_state(state)))
+    }
+}
+
+impl Pruner for PrunerBox {
+    fn prune(&mut self, request: PruneRequest) -> Result<PruneResult> {
+        let request = FfiPruneRequest {
+            density: request.density,
+            scope: request.scope,
+            batches: request.batches.into_iter().map(to_ffi_batch).collect(),
+        };
+        let r = from_ffi(FfiPruner_TO::prune(self, request))?;
+        Ok(PruneResult {
+            masks: from_ffi_named(r.masks),
+            scores: from_ffi_named(r.scores),
+        })
+    }
+}
+
+impl Distiller for DistillerBox {
+    fn trainable_parameters(&mut self) -> Result<Vec<(String, Tensor)>> {
+        from_ffi(FfiDistiller_TO::trainable_parameters(self)).map(from_ffi_named)
+    }
+    fn replaces_task_loss(&self) -> bool {
+        FfiDistiller_TO::replaces_task_loss(self)
+    }
+    fn set_training(&mut self, train: bool) {
+        FfiDistiller_TO::set_training(self, train)
+    }
+    fn loss(&mut self, batch: &Batch, outputs: &Outputs) -> Result<Vec<(String, Tensor)>> {
+        let terms = from_ffi(FfiDistiller_TO::loss(
+            self,
+            batch_ref(batch),
+            outputs_ref(outputs),
+        ))?;
+        Ok(terms
+            .into_iter()
+            .map(|t| (t.name.into_string(), t.value.into_tensor()))
+            .collect())
+    }
+    fn state(&self) -> Result<State> {
+        from_ffi(FfiDistiller_TO::state(self)).map(from_ffi_state)
+    }
+    fn load_state(&mut self, state: State) -> Result<()> {
+        from_ffi(FfiDistiller_TO::load_state(self, to_ffi_state(state)))
+    }
+}
+
+impl Metric for MetricBox {
+    fn reset(&mut self) -> Result<()> {
+        from_ffi(FfiMetric_TO::reset(self))
+    }
+    fn wants_batches(&self) -> bool {
+        FfiMetric_TO::wants_batches(self)
+    }
+    fn update(&mut self, batch: &Batch, outputs: &Outputs) -> Result<()> {
+        from_ffi(FfiMetric_TO::update(
+            self,
+            batch_ref(batch),
+            outputs_ref(outputs),
+        ))
+    }
+    fn compute(&mut self, info: EpochInfo) -> Result<MetricValues> {
+        let info = FfiEpochInfo {
+            epoch: info.epoch,
+            epochs: info.epochs,
+            step: info.step,
+        };
+        from_ffi(FfiMetric_TO::compute(self, info)).map(from_ffi_values)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The host's services, exposed to plugins.
+
+pub(crate) struct ModelAdapter<M>(pub M);
+
+impl<M: ModelServices> FfiModel for ModelAdapter<M> {
+    fn forward(&self, inputs: TensorRef<'_>) -> FfiResult<FfiOutputs> {
+        ffi(
+            || self.0.forward(&inputs.get()),
+            |o| FfiOutputs {
+                logits: o.logits.into(),
+                features: o.features.into(),
+            },
+        )
+    }
+    fn head(&self, features: TensorRef<'_>) -> FfiResult<TensorHandle> {
+        ffi(|| self.0.head(&features.get()), TensorHandle::from)
+    }
+    fn parameters(&self) -> RVec<FfiParam> {
+        self.0.parameters().into_iter().map(to_ffi_param).collect()
+    }
+    fn buffers(&self) -> RVec<FfiNamedTensor> {
+        to_ffi_named(self.0.buffers())
+    }
+    fn set_training(&self, train: bool) {
+        self.0.set_training(train)
+    }
+    fn is_training(&self) -> bool {
+        self.0.is_training()
+    }
+    fn set_double(&self, double: bool) -> FfiResult<()> {
+        ffi(|| self.0.set_double(double), |v| v)
+    }
+    fn arch(&self) -> RString {
+        self.0.arch().into()
+    }
+}
+
+pub(crate) struct HostAdapter<S>(pub S);
+
+impl<S: HostServices> FfiHost for HostAdapter<S> {
+    fn model(&self) -> FfiModelBox {
+        self.0.model().inner
+    }
+    fn num_classes(&self) -> i64 {
+        self.0.num_classes()
+    }
+    fn device(&self) -> i64 {
+        device_index(self.0.device())
+    }
+    fn seed(&self) -> u64 {
+        self.0.seed()
+    }
+    fn train_batch(&self) -> FfiResult<FfiBatch> {
+        ffi(|| self.0.train_batch(), to_ffi_batch)
+    }
+    fn build_model(&self, spec: RStr<'_>, checkpoint: RStr<'_>) -> FfiResult<FfiModelBox> {
+        ffi(
+            || {
+                self.0
+                    .build_model(spec.as_str(), Path::new(checkpoint.as_str()))
+            },
+            |m: Model| m.inner,
+        )
+    }
+    fn learning_rates(&self) -> RVec<FfiGroupRate> {
+        self.0
+            .learning_rates()
+            .into_iter()
+            .map(|g| FfiGroupRate {
+                name: g.name.into(),
+                lr: g.lr,
+                params: strings(g.params),
+            })
+            .collect()
+    }
+    fn run_dir(&self) -> ROption<RString> {
+        self.0
+            .run_dir()
+            .map(|p: PathBuf| RString::from(p.to_string_lossy().into_owned()))
+            .into()
+    }
+}

@@ -1,0 +1,107 @@
+//! The error type components return.
+
+use std::fmt;
+
+use abi_stable::std_types::{ROption, RString};
+
+use crate::abi::{ErrorKind, FfiError};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    pub kind: ErrorKind,
+    pub message: String,
+    /// For configuration errors: the offending key, so the host can point at its line.
+    pub key: Option<String>,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn msg(message: impl fmt::Display) -> Self {
+        Error {
+            kind: ErrorKind::Failed,
+            message: message.to_string(),
+            key: None,
+        }
+    }
+
+    /// A refused configuration value; `key` is the key as written in the component's table.
+    pub fn config(key: impl Into<String>, message: impl fmt::Display) -> Self {
+        Error {
+            kind: ErrorKind::Config,
+            message: message.to_string(),
+            key: Some(key.into()),
+        }
+    }
+
+    pub fn panic(message: impl fmt::Display) -> Self {
+        Error {
+            kind: ErrorKind::Panic,
+            message: message.to_string(),
+            key: None,
+        }
+    }
+
+    /// Prefixes the message, keeping kind and key.
+    pub fn context(mut self, context: impl fmt::Display) -> Self {
+        self.message = format!("{context}: {}", self.message);
+        self
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<tch::TchError> for Error {
+    fn from(e: tch::TchError) -> Self {
+        Error::msg(e)
+    }
+}
+
+impl From<String> for Error {
+    fn from(message: String) -> Self {
+        Error::msg(message)
+    }
+}
+
+impl From<&str> for Error {
+    fn from(message: &str) -> Self {
+        Error::msg(message)
+    }
+}
+
+impl From<Error> for FfiError {
+    fn from(e: Error) -> Self {
+        FfiError {
+            kind: e.kind,
+            message: RString::from(e.message),
+            key: e.key.map(RString::from).into(),
+        }
+    }
+}
+
+impl From<FfiError> for Error {
+    fn from(e: FfiError) -> Self {
+        Error {
+            kind: e.kind,
+            message: e.message.into_string(),
+            key: match e.key {
+                ROption::RSome(k) => Some(k.into_string()),
+                ROption::RNone => None,
+            },
+        }
+    }
+}
+
+/// Bails out of a component method with a formatted [`Error`].
+#[macro_export]
+macro_rules! bail {
+    ($($arg:tt)*) => {
+        return Err($crate::Error::msg(format!($($arg)*)))
+    };
+}
