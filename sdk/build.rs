@@ -16,7 +16,10 @@ fn main() {
 fn libtorch_version(lib: &Path) -> Option<String> {
     let root = lib.parent()?;
     if let Ok(text) = std::fs::read_to_string(root.join("version.py")) {
-        println!("cargo:rerun-if-changed={}", root.join("version.py").display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            root.join("version.py").display()
+        );
         let line = text.lines().find(|l| l.starts_with("__version__"))?;
         return Some(line.split(['\'', '"']).nth(1)?.to_string());
     }

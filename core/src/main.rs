@@ -1,1 +1,155 @@
-fn main() {}
+//! The `trellis` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use trellis::plugin_host::{self, Registry};
+use trellis::train::{self, RunOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "trellis",
+    version,
+    about = "Train models; every method is a plugin."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train the run a config file describes.
+    Run {
+        /// The run config (TOML).
+        config: PathBuf,
+        /// Override any key of the config: `--set train.epochs=5 --set optimizer.lr=0.05`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// The run directory (default: runs/<config name>-<unix time>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Use this plugin manifest instead of the config's `plugins`.
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        /// Continue the run in --out from its last checkpoint.
+        #[arg(long, requires = "out")]
+        resume: bool,
+        /// Stop after this many epochs (with a checkpoint), to continue later with --resume.
+        #[arg(long, value_name = "EPOCHS")]
+        stop_after: Option<usize>,
+        /// No progress bar, only log lines.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// List the components the plugins of a manifest provide, or inspect one plugin file.
+    Plugins {
+        #[command(subcommand)]
+        action: Option<PluginsAction>,
+        /// The manifest (default: plugins.toml in the current directory).
+        #[arg(long, default_value = "plugins.toml")]
+        manifest: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginsAction {
+    /// Print what one plugin library declares.
+    Inspect {
+        /// The plugin's shared library (.so).
+        file: PathBuf,
+    },
+}
+
+fn print_components(registry: &Registry) {
+    let mut last_role = None;
+    for (library, c) in registry.components() {
+        if last_role != Some(c.role) {
+            println!("\n{}s:", c.role);
+            last_role = Some(c.role);
+        }
+        println!(
+            "  {:<20} {} (plugin {} {})",
+            c.name, c.description, library.info.name, library.info.version
+        );
+        for line in c.default_config.lines() {
+            println!("  {:<20}   {line}", "");
+        }
+    }
+}
+
+fn inspect(file: &std::path::Path) -> Result<()> {
+    let library = plugin_host::open(file)?;
+    let info = &library.info;
+    println!("plugin   {} {}", info.name, info.version);
+    println!("about    {}", info.description);
+    println!("file     {}", library.path.display());
+    println!("sha256   {}", library.sha256);
+    println!(
+        "built    sdk {} (ABI {}), tch {}, libtorch {}{}",
+        info.sdk_version,
+        info.sdk_abi,
+        info.tch_version,
+        info.libtorch_version,
+        if info.cuda { " with CUDA" } else { "" }
+    );
+    for c in &info.components {
+        println!("\n{} `{}`: {}", c.role, c.name, c.description);
+        if c.default_config.trim().is_empty() {
+            println!("  (no configuration)");
+        }
+        for line in c.default_config.lines() {
+            println!("  {line}");
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run {
+            config,
+            overrides,
+            out,
+            manifest,
+            resume,
+            stop_after,
+            quiet,
+        } => train::run(&RunOptions {
+            config,
+            overrides,
+            out,
+            manifest,
+            resume,
+            stop_after,
+            progress: !quiet,
+        })
+        .map(|_| ()),
+        Command::Plugins {
+            action: Some(PluginsAction::Inspect { file }),
+            ..
+        } => inspect(&file),
+        Command::Plugins {
+            action: None,
+            manifest,
+        } => Registry::load(&manifest).map(|r| print_components(&r)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

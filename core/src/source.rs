@@ -66,7 +66,10 @@ impl SourceFile {
             .len()
             .clamp(1, line_text.len().saturating_sub(col - 1).max(1));
         let gutter = " ".repeat(line.to_string().len());
-        let mut out = format!("{message}\n{gutter}--> {}:{line}:{col}\n", self.path.display());
+        let mut out = format!(
+            "{message}\n{gutter}--> {}:{line}:{col}\n",
+            self.path.display()
+        );
         let _ = writeln!(out, "{gutter} |\n{line} | {line_text}");
         let _ = write!(
             out,
@@ -147,7 +150,10 @@ impl SourceFile {
 fn lookup<'a, 'i>(
     table: &'a DeTable<'i>,
     key: &str,
-) -> Option<(&'a Spanned<std::borrow::Cow<'i, str>>, &'a Spanned<DeValue<'i>>)> {
+) -> Option<(
+    &'a Spanned<std::borrow::Cow<'i, str>>,
+    &'a Spanned<DeValue<'i>>,
+)> {
     table.iter().find(|(k, _)| k.get_ref().as_ref() == key)
 }
 
@@ -171,7 +177,10 @@ mod tests {
     fn error_names_file_line_and_column() {
         let f = SourceFile::from_text("run.toml", "[train]\nepochs = 2\nbatch = 3\n");
         let span = f.key_span(&[Seg::Key("train"), Seg::Key("batch")]).unwrap();
-        let text = format!("{:#}", f.error_at(span, "unknown field `batch`", Some("fix it")));
+        let text = format!(
+            "{:#}",
+            f.error_at(span, "unknown field `batch`", Some("fix it"))
+        );
         assert!(text.contains("run.toml:3:1"), "{text}");
         assert!(text.contains("3 | batch = 3"), "{text}");
         assert!(text.contains("help: fix it"), "{text}");
@@ -179,7 +188,10 @@ mod tests {
 
     #[test]
     fn finds_keys_in_arrays_of_tables() {
-        let f = SourceFile::from_text("r.toml", "[[metrics]]\nuse = \"a\"\n[[metrics]]\nuse = \"b\"\nk = 1\n");
+        let f = SourceFile::from_text(
+            "r.toml",
+            "[[metrics]]\nuse = \"a\"\n[[metrics]]\nuse = \"b\"\nk = 1\n",
+        );
         let span = f
             .key_span(&[Seg::Key("metrics"), Seg::Index(1), Seg::Key("k")])
             .unwrap();

@@ -332,7 +332,10 @@ impl<T: Distiller + 'static> FfiDistiller for Guarded<T> {
         outputs: FfiOutputsRef<'_>,
     ) -> FfiResult<RVec<FfiLossTerm>> {
         ffi(
-            || self.0.loss(&batch_from_ref(batch), &outputs_from_ref(outputs)),
+            || {
+                self.0
+                    .loss(&batch_from_ref(batch), &outputs_from_ref(outputs))
+            },
             |terms| {
                 terms
                     .into_iter()
@@ -362,7 +365,10 @@ impl<T: Metric + 'static> FfiMetric for Guarded<T> {
     }
     fn update(&mut self, batch: FfiBatchRef<'_>, outputs: FfiOutputsRef<'_>) -> FfiResult<()> {
         ffi(
-            || self.0.update(&batch_from_ref(batch), &outputs_from_ref(outputs)),
+            || {
+                self.0
+                    .update(&batch_from_ref(batch), &outputs_from_ref(outputs))
+            },
             |v| v,
         )
     }

@@ -60,7 +60,11 @@ impl Model {
 
     /// The classifier head applied to features.
     pub fn head(&self, features: &Tensor) -> Result<Tensor> {
-        Ok(self.inner.head(features.into()).into_result()?.into_tensor())
+        Ok(self
+            .inner
+            .head(features.into())
+            .into_result()?
+            .into_tensor())
     }
 
     /// Trainable parameters in registration order, sharing storage with the model.
@@ -166,6 +170,9 @@ impl Host {
 
     /// Where the run writes its outputs, if it writes any (plots go here).
     pub fn run_dir(&self) -> Option<PathBuf> {
-        self.inner.run_dir().into_option().map(|s| s.into_string().into())
+        self.inner
+            .run_dir()
+            .into_option()
+            .map(|s| s.into_string().into())
     }
 }

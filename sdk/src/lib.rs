@@ -128,5 +128,5 @@ pub use error::{Error, Result};
 pub use host::{Host, HostServices, Model, ModelServices};
 pub use plugin::{parse_config, Component, Plugin};
 pub use roles::*;
-pub use tensor::{TensorHandle, TensorRef};
 pub use tch;
+pub use tensor::{TensorHandle, TensorRef};

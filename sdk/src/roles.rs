@@ -172,7 +172,8 @@ impl Model {
         self.parameters()
             .into_iter()
             .filter(|p| {
-                matches!(p.kind, LayerKind::Conv2d | LayerKind::Linear) && p.name.ends_with("weight")
+                matches!(p.kind, LayerKind::Conv2d | LayerKind::Linear)
+                    && p.name.ends_with("weight")
             })
             .collect()
     }

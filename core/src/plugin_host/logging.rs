@@ -21,7 +21,9 @@ struct PluginCallsite {
 impl Callsite for PluginCallsite {
     fn set_interest(&self, _: Interest) {}
     fn metadata(&self) -> &Metadata<'_> {
-        self.metadata.get().expect("initialised before registration")
+        self.metadata
+            .get()
+            .expect("initialised before registration")
     }
 }
 

@@ -89,9 +89,9 @@ impl Registry {
                     Some("use the plugin's own name in the manifest"),
                 ));
             }
-            registry.add(library).map_err(|e| {
-                file.error_at(entry.name.span(), &format!("{e:#}"), None)
-            })?;
+            registry
+                .add(library)
+                .map_err(|e| file.error_at(entry.name.span(), &format!("{e:#}"), None))?;
         }
         Ok(registry)
     }

@@ -193,7 +193,10 @@ impl Metric for Ece {
     }
 
     fn update(&mut self, batch: &Batch, outputs: &Outputs) -> Result<()> {
-        let probs = outputs.logits.to_kind(Kind::Float).f_softmax(-1, Kind::Float)?;
+        let probs = outputs
+            .logits
+            .to_kind(Kind::Float)
+            .f_softmax(-1, Kind::Float)?;
         let (confidence, predicted) = probs.f_max_dim(-1, false)?;
         let correct = predicted.f_eq_tensor(&batch.targets)?.to_kind(Kind::Float);
         // Bin b holds confidences in (b/B, (b+1)/B].

@@ -40,8 +40,11 @@ impl Groups {
 }
 
 fn check_non_negative(key: &str, value: f64) -> Result<()> {
-    if !(value >= 0.0) {
-        return Err(Error::config(key, format!("{key} must be >= 0, got {value}")));
+    if value.is_nan() || value < 0.0 {
+        return Err(Error::config(
+            key,
+            format!("{key} must be >= 0, got {value}"),
+        ));
     }
     Ok(())
 }
@@ -214,10 +217,13 @@ impl Component for AdamW {
     fn new(config: AdamWConfig, _host: Host) -> Result<Self> {
         for (key, beta) in [("beta1", config.beta1), ("beta2", config.beta2)] {
             if !(0.0..1.0).contains(&beta) {
-                return Err(Error::config(key, format!("{key} must be in [0, 1), got {beta}")));
+                return Err(Error::config(
+                    key,
+                    format!("{key} must be in [0, 1), got {beta}"),
+                ));
             }
         }
-        if !(config.eps > 0.0) {
+        if config.eps.is_nan() || config.eps <= 0.0 {
             return Err(Error::config("eps", "eps must be > 0"));
         }
         Ok(AdamW {
@@ -248,10 +254,11 @@ impl Optimizer for AdamW {
             }
             let entry = match self.moments.get_mut(name) {
                 Some(e) => e,
-                None => self
-                    .moments
-                    .entry(name.to_string())
-                    .or_insert((0, param.f_zeros_like()?, param.f_zeros_like()?)),
+                None => self.moments.entry(name.to_string()).or_insert((
+                    0,
+                    param.f_zeros_like()?,
+                    param.f_zeros_like()?,
+                )),
             };
             entry.0 += 1;
             let (step, mut m, mut v) = (entry.0, entry.1.shallow_clone(), entry.2.shallow_clone());
@@ -398,7 +405,7 @@ mod tests {
         a.set_param_groups(group(&w1, 0.1, 0.01)).unwrap();
         set_grad(&w1);
         a.step().unwrap();
-        let _ = w2.detach().copy_(&w1.detach());
+        w2.detach().copy_(&w1.detach());
         let mut b = sgd(SgdConfig::default());
         b.set_param_groups(group(&w2, 0.1, 0.01)).unwrap();
         b.load_state(a.state().unwrap()).unwrap();

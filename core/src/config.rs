@@ -1,0 +1,583 @@
+//! The run config: one TOML file describes one run.
+//!
+//! Keys the core understands are typed and unknown ones are refused. A component table
+//! (`[optimizer]`, `[[metrics]]`, ...) names its component with `use`; its other keys are the
+//! component's own configuration, handed to the plugin as TOML text, and a key the plugin refuses
+//! is reported at its line in this file.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use trellis_sdk::abi::ErrorKind;
+use trellis_sdk::Role;
+
+use crate::data::DataConfig;
+use crate::models::ModelConfig;
+use crate::plugin_host::ComponentError;
+use crate::schedule::ScheduleConfig;
+use crate::source::{Seg, SourceFile};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// The plugin manifest, relative to this file.
+    #[serde(default)]
+    pub plugins: Option<PathBuf>,
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub data: DataConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+    pub optimizer: OptimizerConfig,
+    #[serde(default)]
+    pub schedule: ScheduleConfig,
+    #[serde(default)]
+    pub scheduler: Option<ComponentConfig>,
+    #[serde(default)]
+    pub pruner: Option<PrunerConfig>,
+    #[serde(default)]
+    pub distillers: Vec<ComponentConfig>,
+    #[serde(default)]
+    pub metrics: Vec<ComponentConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    Cpu,
+    Cuda,
+    /// CUDA when available, else the CPU.
+    #[default]
+    Auto,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub eval_batch_size: usize,
+    pub seed: u64,
+    pub device: DeviceChoice,
+    /// Evaluate every N epochs (and always after the last).
+    pub eval_every: usize,
+    /// Drop the last incomplete training batch.
+    pub drop_last: bool,
+    /// CPU threads for libtorch; 0 keeps libtorch's default (one per core).
+    pub threads: usize,
+    /// Save a checkpoint every N epochs (and always after the last).
+    pub checkpoint_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            epochs: 1,
+            batch_size: 128,
+            eval_batch_size: 500,
+            seed: 0,
+            device: DeviceChoice::Auto,
+            eval_every: 1,
+            drop_last: false,
+            threads: 0,
+            checkpoint_every: 1,
+        }
+    }
+}
+
+/// `[optimizer]`: the component plus the rate and decay every parameter group starts from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OptimizerConfig {
+    #[serde(rename = "use")]
+    pub component: String,
+    /// The base learning rate the `[schedule]` scales.
+    pub lr: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(flatten)]
+    pub options: toml::Table,
+}
+
+/// A component table: `use = "name"` plus the component's own keys.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ComponentConfig {
+    #[serde(rename = "use")]
+    pub component: String,
+    #[serde(flatten)]
+    pub options: toml::Table,
+}
+
+/// `[pruner]`: the component, the target, and when and on what it scores. Keys not listed here
+/// are the pruner's own (`bn_mode`, `rounds`, ...).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PrunerConfig {
+    #[serde(rename = "use", default)]
+    pub component: Option<String>,
+    #[serde(default)]
+    pub sparsity: Option<f64>,
+    #[serde(default)]
+    pub density: Option<f64>,
+    #[serde(default)]
+    pub compression: Option<f64>,
+    #[serde(default)]
+    pub scope: ScopeChoice,
+    /// 0 prunes at initialisation; N prunes after N training iterations.
+    #[serde(default)]
+    pub at_step: u64,
+    #[serde(default = "default_samples_per_class")]
+    pub samples_per_class: usize,
+    /// Number of scoring batches the class-balanced sample is split into.
+    #[serde(default = "default_scoring_batches")]
+    pub batches: usize,
+    /// Start from a saved mask file instead of running a pruner.
+    #[serde(default)]
+    pub masks: Option<PathBuf>,
+    #[serde(flatten)]
+    pub options: toml::Table,
+}
+
+fn default_samples_per_class() -> usize {
+    10
+}
+
+fn default_scoring_batches() -> usize {
+    1
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ScopeChoice {
+    #[default]
+    Global,
+    Layer,
+}
+
+/// Where a component's table sits in the file, for pointing at its keys.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TablePath {
+    Optimizer,
+    Scheduler,
+    Pruner,
+    Distiller(usize),
+    Metric(usize),
+}
+
+impl TablePath {
+    pub fn segs(&self) -> Vec<Seg<'static>> {
+        match self {
+            TablePath::Optimizer => vec![Seg::Key("optimizer")],
+            TablePath::Scheduler => vec![Seg::Key("scheduler")],
+            TablePath::Pruner => vec![Seg::Key("pruner")],
+            TablePath::Distiller(i) => vec![Seg::Key("distillers"), Seg::Index(*i)],
+            TablePath::Metric(i) => vec![Seg::Key("metrics"), Seg::Index(*i)],
+        }
+    }
+
+    pub fn role(&self) -> Role {
+        match self {
+            TablePath::Optimizer => Role::Optimizer,
+            TablePath::Scheduler => Role::Scheduler,
+            TablePath::Pruner => Role::Pruner,
+            TablePath::Distiller(_) => Role::Distiller,
+            TablePath::Metric(_) => Role::Metric,
+        }
+    }
+}
+
+/// A run config with the text it came from (after `--set` overrides).
+#[derive(Debug, Clone)]
+pub struct LoadedConfig {
+    pub config: RunConfig,
+    pub source: SourceFile,
+    pub overrides: Vec<String>,
+}
+
+impl LoadedConfig {
+    /// Reads `path`, applies `key.path=value` overrides, and checks the result.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<LoadedConfig> {
+        let original = SourceFile::read(path)?;
+        // Syntax errors are reported against the file as written.
+        let mut doc: toml_edit::DocumentMut =
+            original.text.parse().map_err(|e: toml_edit::TomlError| {
+                let span = e.span().unwrap_or(0..0);
+                original.error_at(span, e.message().trim(), None)
+            })?;
+        for o in overrides {
+            apply_override(&mut doc, o)?;
+        }
+        let source = SourceFile {
+            path: original.path.clone(),
+            text: if overrides.is_empty() {
+                original.text
+            } else {
+                doc.to_string()
+            },
+        };
+        let config: RunConfig = source.parse().map_err(|e| {
+            if overrides.is_empty() {
+                e
+            } else {
+                e.context(format!(
+                    "in the config after applying --set {}",
+                    overrides.join(" --set ")
+                ))
+            }
+        })?;
+        let loaded = LoadedConfig {
+            config,
+            source,
+            overrides: overrides.to_vec(),
+        };
+        loaded.validate()?;
+        Ok(loaded)
+    }
+
+    pub fn dir(&self) -> PathBuf {
+        self.source.dir()
+    }
+
+    /// Resolves a path written in the config relative to the config's directory.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.dir().join(path)
+        }
+    }
+
+    /// An error about the value at `path`, pointing at it when it is in the file.
+    pub fn error_at(&self, path: &[Seg<'_>], message: &str, help: Option<&str>) -> anyhow::Error {
+        match self
+            .source
+            .value_span(path)
+            .or_else(|| self.source.key_span(path))
+        {
+            Some(span) => self.source.error_at(span, message, help),
+            None => self.source.error(message),
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let c = &self.config;
+        let key = |table: &'static str, k: &'static str| [Seg::Key(table), Seg::Key(k)];
+        c.model
+            .validate()
+            .map_err(|e| self.error_at(&[Seg::Key("model")], &format!("{e:#}"), None))?;
+        if c.train.epochs == 0 {
+            return Err(self.error_at(
+                &key("train", "epochs"),
+                "train.epochs must be at least 1",
+                None,
+            ));
+        }
+        if c.train.batch_size == 0 {
+            return Err(self.error_at(
+                &key("train", "batch_size"),
+                "train.batch_size must be at least 1",
+                None,
+            ));
+        }
+        if c.train.eval_batch_size == 0 {
+            return Err(self.error_at(
+                &key("train", "eval_batch_size"),
+                "train.eval_batch_size must be at least 1",
+                None,
+            ));
+        }
+        if c.train.eval_every == 0 || c.train.checkpoint_every == 0 {
+            return Err(self.error_at(
+                &key(
+                    "train",
+                    if c.train.eval_every == 0 {
+                        "eval_every"
+                    } else {
+                        "checkpoint_every"
+                    },
+                ),
+                "eval_every and checkpoint_every count epochs and must be at least 1",
+                None,
+            ));
+        }
+        if !(c.optimizer.lr.is_finite() && c.optimizer.lr >= 0.0) {
+            return Err(self.error_at(
+                &key("optimizer", "lr"),
+                "optimizer.lr must be a finite number >= 0",
+                None,
+            ));
+        }
+        if !(c.optimizer.weight_decay.is_finite() && c.optimizer.weight_decay >= 0.0) {
+            return Err(self.error_at(
+                &key("optimizer", "weight_decay"),
+                "optimizer.weight_decay must be a finite number >= 0",
+                None,
+            ));
+        }
+        c.schedule
+            .validate(c.train.epochs)
+            .map_err(|(k, message)| {
+                self.error_at(&[Seg::Key("schedule"), Seg::Key(k)], &message, None)
+            })?;
+        if let Some(p) = &c.pruner {
+            p.density().map_err(|(k, message)| {
+                self.error_at(&[Seg::Key("pruner"), Seg::Key(k)], &message, None)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The components the config asks for, with their tables' locations.
+    pub fn components(&self) -> Vec<(TablePath, &str, toml::Table)> {
+        let c = &self.config;
+        let mut out = vec![(
+            TablePath::Optimizer,
+            c.optimizer.component.as_str(),
+            c.optimizer.options.clone(),
+        )];
+        if let Some(s) = &c.scheduler {
+            out.push((
+                TablePath::Scheduler,
+                s.component.as_str(),
+                s.options.clone(),
+            ));
+        }
+        if let Some(p) = &c.pruner {
+            if let Some(name) = &p.component {
+                out.push((TablePath::Pruner, name.as_str(), p.options.clone()));
+            }
+        }
+        for (i, d) in c.distillers.iter().enumerate() {
+            out.push((
+                TablePath::Distiller(i),
+                d.component.as_str(),
+                d.options.clone(),
+            ));
+        }
+        for (i, m) in c.metrics.iter().enumerate() {
+            out.push((
+                TablePath::Metric(i),
+                m.component.as_str(),
+                m.options.clone(),
+            ));
+        }
+        out
+    }
+
+    /// Turns a component's error into one pointing at the config line it is about.
+    pub fn component_error(&self, table: &TablePath, error: anyhow::Error) -> anyhow::Error {
+        let Some(component_error) = error.downcast_ref::<ComponentError>() else {
+            return error;
+        };
+        let mut path = table.segs();
+        match (&component_error.error.kind, &component_error.error.key) {
+            (ErrorKind::Config, Some(key)) => {
+                let key: &str = key;
+                path.push(Seg::Key(key));
+                let span = self
+                    .source
+                    .key_span(&path)
+                    .or_else(|| self.source.key_span(&table.segs()));
+                let message = component_error.to_string();
+                match span {
+                    Some(span) => self.source.error_at(
+                        span,
+                        &message,
+                        Some("see `trellis plugins` for the component's keys and defaults"),
+                    ),
+                    None => self.source.error(&message),
+                }
+            }
+            _ => error,
+        }
+    }
+
+    /// The `use = ...` value of a table, for errors about the component it names.
+    pub fn use_error(&self, table: &TablePath, message: &str) -> anyhow::Error {
+        let mut path = table.segs();
+        path.push(Seg::Key("use"));
+        self.error_at(
+            &path,
+            message,
+            Some("run `trellis plugins` to list the components"),
+        )
+    }
+}
+
+impl PrunerConfig {
+    /// The density to keep, from exactly one of sparsity, density, compression.
+    pub fn density(&self) -> Result<f64, (&'static str, String)> {
+        let given: Vec<(&'static str, f64)> = [
+            ("sparsity", self.sparsity),
+            ("density", self.density),
+            ("compression", self.compression),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .collect();
+        let (key, value) = match given.as_slice() {
+            [one] => *one,
+            [] if self.masks.is_some() => return Ok(f64::NAN),
+            [] => {
+                return Err((
+                    "use",
+                    "[pruner] needs exactly one of sparsity, density or compression".to_string(),
+                ))
+            }
+            [_, (second, _), ..] => {
+                return Err((
+                    second,
+                    "give only one of sparsity, density or compression in [pruner]".to_string(),
+                ))
+            }
+        };
+        let density = match key {
+            "sparsity" => 1.0 - value,
+            "density" => value,
+            _ => 10f64.powf(-value),
+        };
+        if !value.is_finite()
+            || !(0.0..=1.0).contains(&density)
+            || (key == "compression" && value < 0.0)
+        {
+            return Err((
+                key,
+                format!("{key} = {value} is out of range: sparsity and density are in [0, 1], compression is >= 0"),
+            ));
+        }
+        Ok(density)
+    }
+}
+
+/// Applies one `--set key.path=value`. The value is read as TOML (`0.1`, `true`, `"sgd"`,
+/// `[1, 2]`); anything that does not parse as TOML is taken as a string.
+pub fn apply_override(doc: &mut toml_edit::DocumentMut, assignment: &str) -> Result<()> {
+    let Some((path, value)) = assignment.split_once('=') else {
+        bail!("--set expects key.path=value, got `{assignment}`");
+    };
+    let keys: Vec<&str> = path.trim().split('.').map(str::trim).collect();
+    if keys.iter().any(|k| k.is_empty()) {
+        bail!("--set expects key.path=value, got `{assignment}`");
+    }
+    let value_text = value.trim();
+    let value: toml_edit::Value = value_text
+        .parse()
+        .unwrap_or_else(|_| toml_edit::Value::from(value_text));
+    let (last, parents) = keys.split_last().expect("checked non-empty");
+    let mut table = doc.as_table_mut();
+    for k in parents {
+        let item = table
+            .entry(k)
+            .or_insert_with(|| toml_edit::Item::Table(toml_edit::Table::new()));
+        table = match item {
+            toml_edit::Item::Table(t) => t,
+            _ => bail!(
+                "--set {assignment}: `{k}` is not a table, so `{}` cannot be set inside it",
+                path.trim()
+            ),
+        };
+    }
+    table.insert(last, toml_edit::Item::Value(value));
+    Ok(())
+}
+
+/// The component's table as TOML text for its plugin (without `use` and the core's keys).
+pub fn component_text(options: &toml::Table) -> Result<String> {
+    toml::to_string(options).context("cannot serialise a component's configuration")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[model]
+arch = "mlp"
+
+[train]
+epochs = 2
+
+[optimizer]
+use = "sgd"
+lr = 0.1
+momentum = 0.9
+"#;
+
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.toml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    fn err(text: &str, overrides: &[&str]) -> String {
+        let (_dir, path) = write(text);
+        let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        format!("{:#}", LoadedConfig::load(&path, &overrides).unwrap_err())
+    }
+
+    #[test]
+    fn loads_and_keeps_component_keys_for_the_plugin() {
+        let (_dir, path) = write(BASE);
+        let c = LoadedConfig::load(&path, &[]).unwrap();
+        assert_eq!(c.config.optimizer.component, "sgd");
+        assert_eq!(c.config.optimizer.lr, 0.1);
+        assert_eq!(
+            component_text(&c.config.optimizer.options).unwrap().trim(),
+            "momentum = 0.9"
+        );
+        assert_eq!(c.config.train.epochs, 2);
+        assert_eq!(c.config.train.batch_size, 128);
+    }
+
+    #[test]
+    fn unknown_key_names_its_line() {
+        let text = BASE.replace("epochs = 2", "epochs = 2\nepocs = 3");
+        let e = err(&text, &[]);
+        assert!(e.contains("unknown field `epocs`"), "{e}");
+        assert!(e.contains("run.toml:7:1"), "{e}");
+    }
+
+    #[test]
+    fn malformed_toml_names_its_line() {
+        let e = err(&BASE.replace("lr = 0.1", "lr = = 0.1"), &[]);
+        assert!(e.contains("run.toml:10:6"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_its_line_and_column() {
+        let e = err(&BASE.replace("epochs = 2", "epochs = \"two\""), &[]);
+        assert!(e.contains("run.toml:6:10"), "{e}");
+    }
+
+    #[test]
+    fn overrides_apply_and_errors_still_point_at_lines() {
+        let (_dir, path) = write(BASE);
+        let c = LoadedConfig::load(
+            &path,
+            &[
+                "train.epochs=5".into(),
+                "optimizer.momentum=0.5".into(),
+                "data.source=synthetic".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.config.train.epochs, 5);
+        assert_eq!(c.config.optimizer.options["momentum"].as_float(), Some(0.5));
+        let e = err(BASE, &["train.epochs=0"]);
+        assert!(e.contains("run.toml:6"), "{e}");
+        let e = err(BASE, &["train.epochs"]);
+        assert!(e.contains("--set expects key.path=value"), "{e}");
+    }
+
+    #[test]
+    fn pruner_targets_are_checked() {
+        let pruner = |body: &str| format!("{BASE}\n[pruner]\nuse = \"snip\"\n{body}\n");
+        assert!(err(&pruner("sparsity = 1.2"), &[]).contains("out of range"));
+        let e = err(&pruner("sparsity = 0.9\ndensity = 0.1"), &[]);
+        assert!(e.contains("only one of"), "{e}");
+        assert!(e.contains(":16:"), "{e}");
+        let (_d, path) = write(&pruner("compression = 2"));
+        let c = LoadedConfig::load(&path, &[]).unwrap();
+        assert!((c.config.pruner.unwrap().density().unwrap() - 0.01).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,370 @@
+//! The batch pipeline: one background thread per epoch prepares batches ahead of the training
+//! step and hands them over through a small bounded channel.
+
+use std::borrow::Borrow;
+use std::sync::mpsc::{sync_channel, Receiver, TryRecvError};
+use std::thread::JoinHandle;
+
+use tch::{Device, Tensor};
+
+use super::augment::{augment_into, Normalize, PAD};
+use super::rng::Rng;
+use super::Dataset;
+
+/// Batches prepared ahead: enough to absorb jitter in batch preparation, few enough that the
+/// memory they hold (on the device) stays small.
+const PREFETCH: usize = 3;
+
+const SHUFFLE_STREAM: u64 = 0x5348_5546; // "SHUF"
+const AUGMENT_STREAM: u64 = 0x4155_474D; // "AUGM"
+
+/// One training or evaluation batch.
+#[derive(Debug)]
+pub struct Batch {
+    /// f32 `[B, C, H, W]` on the loader's device, normalised.
+    pub inputs: Tensor,
+    /// i64 `[B]` on the loader's device.
+    pub targets: Tensor,
+}
+
+#[derive(Clone, Debug)]
+pub struct LoaderOptions {
+    pub batch_size: usize,
+    pub shuffle: bool,
+    pub augment: bool,
+    /// Drop the final partial batch.
+    pub drop_last: bool,
+    /// The shuffle order and every augmentation draw are a function of `(seed, epoch)`.
+    pub seed: u64,
+    pub epoch: usize,
+    pub device: Device,
+    pub normalize: Normalize,
+}
+
+/// The batches of one epoch, as an iterator. Build a new `Loader` for every epoch.
+pub struct Loader {
+    // An Option so that Drop can close the channel before joining the worker.
+    rx: Option<Receiver<Batch>>,
+    worker: Option<JoinHandle<()>>,
+    total: usize,
+    yielded: usize,
+    waits: usize,
+}
+
+impl Loader {
+    /// Starts the worker thread for one epoch of `ds`.
+    ///
+    /// `ds` may be a `&Dataset`, an `Arc<Dataset>` or a `Dataset`: the worker takes its own
+    /// shallow handles to the tensors, so nothing is borrowed past this call. Prefer `&Dataset`,
+    /// since clippy flags `Arc::new` of a type that is not `Sync`, as `Dataset` is not.
+    ///
+    /// Panics if `batch_size` is 0 or `normalize` does not match the image channels, both
+    /// programming errors rather than data problems.
+    pub fn new<D: Borrow<Dataset>>(ds: D, opts: LoaderOptions) -> Loader {
+        let ds: &Dataset = ds.borrow();
+        assert!(
+            opts.batch_size > 0,
+            "LoaderOptions::batch_size must be at least 1"
+        );
+        let [c, h, w] = ds.image_shape().map(|d| d as usize);
+        let tables = opts.normalize.lookup_tables(c);
+        let n = ds.len();
+        let total = Loader::batches_per_epoch(n, opts.batch_size, opts.drop_last);
+        // `Dataset` is not `Sync`, so the worker gets its own handles to the same storage.
+        let data = ds.shallow_clone();
+        let (tx, rx) = sync_channel::<Batch>(PREFETCH);
+        let worker = std::thread::Builder::new()
+            .name(format!("trellis-loader-e{}", opts.epoch))
+            .spawn(move || {
+                let mut order: Vec<i64> = (0..n as i64).collect();
+                if opts.shuffle {
+                    Rng::derive(opts.seed, &[SHUFFLE_STREAM, opts.epoch as u64])
+                        .shuffle(&mut order);
+                }
+                let mut aug_rng = Rng::derive(opts.seed, &[AUGMENT_STREAM, opts.epoch as u64]);
+                let per_image = c * h * w;
+                for chunk in order.chunks(opts.batch_size).take(total) {
+                    let b = chunk.len();
+                    let idx = Tensor::from_slice(chunk);
+                    let mut bytes = vec![0u8; b * per_image];
+                    data.images
+                        .index_select(0, &idx)
+                        .copy_data(&mut bytes, b * per_image);
+                    let mut out = vec![0f32; b * per_image];
+                    for (src, dst) in bytes
+                        .chunks_exact(per_image)
+                        .zip(out.chunks_exact_mut(per_image))
+                    {
+                        // Three draws per sample, in batch order: the draws depend on
+                        // (seed, epoch) only, not on how the work is scheduled.
+                        let (dy, dx, flip) = if opts.augment {
+                            let dy = aug_rng.below(2 * PAD as u64 + 1) as usize;
+                            let dx = aug_rng.below(2 * PAD as u64 + 1) as usize;
+                            (dy, dx, aug_rng.coin())
+                        } else {
+                            (PAD, PAD, false)
+                        };
+                        augment_into(src, dst, [c, h, w], dy, dx, flip, &tables);
+                    }
+                    let inputs = Tensor::from_slice(&out)
+                        .view([b as i64, c as i64, h as i64, w as i64])
+                        .to_device(opts.device);
+                    let targets = data.labels.index_select(0, &idx).to_device(opts.device);
+                    if tx.send(Batch { inputs, targets }).is_err() {
+                        // The Loader was dropped mid-epoch: nobody wants the rest.
+                        return;
+                    }
+                }
+            })
+            .expect("cannot spawn the data loader thread");
+        Loader {
+            rx: Some(rx),
+            worker: Some(worker),
+            total,
+            yielded: 0,
+            waits: 0,
+        }
+    }
+
+    pub fn batches_per_epoch(n: usize, batch_size: usize, drop_last: bool) -> usize {
+        assert!(batch_size > 0, "batch_size must be at least 1");
+        if drop_last {
+            n / batch_size
+        } else {
+            n.div_ceil(batch_size)
+        }
+    }
+
+    /// How many times `next()` found no batch ready and had to block.
+    pub fn waits(&self) -> usize {
+        self.waits
+    }
+
+    /// How many batches have been handed out.
+    pub fn yielded(&self) -> usize {
+        self.yielded
+    }
+
+    /// Re-raises a panic of the worker on the caller's thread, where it can be reported.
+    fn join_worker(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            if let Err(panic) = worker.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+    }
+}
+
+impl Iterator for Loader {
+    type Item = Batch;
+
+    fn next(&mut self) -> Option<Batch> {
+        if self.yielded == self.total {
+            return None;
+        }
+        let rx = self.rx.as_ref()?;
+        let batch = match rx.try_recv() {
+            Ok(batch) => Some(batch),
+            Err(TryRecvError::Empty) => {
+                self.waits += 1;
+                rx.recv().ok()
+            }
+            Err(TryRecvError::Disconnected) => None,
+        };
+        match batch {
+            Some(batch) => {
+                self.yielded += 1;
+                Some(batch)
+            }
+            None => {
+                // The worker ended before sending every batch: only a panic does that.
+                self.rx = None;
+                self.join_worker();
+                panic!(
+                    "the data loader thread stopped after {} of {} batches",
+                    self.yielded, self.total
+                );
+            }
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = self.total - self.yielded;
+        (left, Some(left))
+    }
+}
+
+impl ExactSizeIterator for Loader {}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        // Closing the channel first makes a worker blocked in `send` return at once.
+        self.rx = None;
+        if let Some(worker) = self.worker.take() {
+            // A worker panic was either already re-raised by `next` or is moot now; raising it
+            // from drop could abort during unwinding.
+            let _ = worker.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::augment::normalize_batch;
+    use std::time::{Duration, Instant};
+
+    /// Sample i has label i, so targets identify samples, and an image that differs per sample.
+    fn toy(n: i64) -> Dataset {
+        let base = Tensor::arange(3 * 8 * 8, (tch::Kind::Int64, Device::Cpu)).view([1, 3, 8, 8]);
+        let offs = Tensor::arange(n, (tch::Kind::Int64, Device::Cpu)).view([n, 1, 1, 1]);
+        let images = (base + offs * 7).remainder(256).to_kind(tch::Kind::Uint8);
+        let labels = Tensor::arange(n, (tch::Kind::Int64, Device::Cpu));
+        Dataset::new(images, labels, n).unwrap()
+    }
+
+    fn opts(batch_size: usize, epoch: usize) -> LoaderOptions {
+        LoaderOptions {
+            batch_size,
+            shuffle: true,
+            augment: true,
+            drop_last: false,
+            seed: 42,
+            epoch,
+            device: Device::Cpu,
+            normalize: Normalize {
+                mean: vec![0.5, 0.4, 0.3],
+                std: vec![0.2, 0.25, 0.3],
+            },
+        }
+    }
+
+    fn cat_inputs(batches: &[Batch]) -> Tensor {
+        Tensor::cat(&batches.iter().map(|b| &b.inputs).collect::<Vec<_>>(), 0)
+    }
+
+    fn cat_targets(batches: &[Batch]) -> Vec<i64> {
+        let t = Tensor::cat(&batches.iter().map(|b| &b.targets).collect::<Vec<_>>(), 0);
+        Vec::<i64>::try_from(&t).unwrap()
+    }
+
+    #[test]
+    fn data_loader_batch_counts() {
+        assert_eq!(Loader::batches_per_epoch(10, 3, false), 4);
+        assert_eq!(Loader::batches_per_epoch(10, 3, true), 3);
+        assert_eq!(Loader::batches_per_epoch(9, 3, true), 3);
+        assert_eq!(Loader::batches_per_epoch(0, 3, false), 0);
+        assert_eq!(Loader::batches_per_epoch(2, 3, true), 0);
+        let ds = toy(10);
+        let sizes: Vec<i64> = Loader::new(&ds, opts(3, 0))
+            .map(|b| b.inputs.size()[0])
+            .collect();
+        assert_eq!(sizes, vec![3, 3, 3, 1]);
+        let loader = Loader::new(
+            &ds,
+            LoaderOptions {
+                drop_last: true,
+                ..opts(3, 0)
+            },
+        );
+        assert_eq!(loader.len(), 3);
+        let batches: Vec<Batch> = loader.collect();
+        assert_eq!(batches.len(), 3);
+        assert!(batches.iter().all(|b| b.inputs.size() == [3, 3, 8, 8]));
+    }
+
+    #[test]
+    fn data_loader_without_augmentation_is_normalised_images_in_order() {
+        let ds = toy(10);
+        let o = LoaderOptions {
+            shuffle: false,
+            augment: false,
+            ..opts(4, 0)
+        };
+        let batches: Vec<Batch> = Loader::new(&ds, o.clone()).collect();
+        let inputs = cat_inputs(&batches);
+        assert_eq!(cat_targets(&batches), (0..10).collect::<Vec<_>>());
+        assert_eq!(inputs.kind(), tch::Kind::Float);
+        let mean = Tensor::from_slice(&o.normalize.mean).view([1, 3, 1, 1]);
+        let std = Tensor::from_slice(&o.normalize.std).view([1, 3, 1, 1]);
+        let expected = (ds.images.to_kind(tch::Kind::Float) / 255.0 - mean) / std;
+        assert!(inputs.allclose(&expected, 1e-6, 1e-6, false));
+        assert!(inputs.equal(&normalize_batch(&ds.images, &o.normalize, Device::Cpu)));
+    }
+
+    #[test]
+    fn data_loader_covers_every_sample_once_and_is_deterministic() {
+        let ds = toy(37);
+        let run = |epoch| Loader::new(&ds, opts(5, epoch)).collect::<Vec<Batch>>();
+        let (a, b, c) = (run(0), run(0), run(1));
+        assert_eq!(a.len(), 8);
+        let order = cat_targets(&a);
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..37).collect::<Vec<_>>());
+        assert_ne!(order, sorted, "shuffled");
+        // Same (seed, epoch): the same batches, bit for bit, augmentation included.
+        assert_eq!(order, cat_targets(&b));
+        assert!(cat_inputs(&a).equal(&cat_inputs(&b)));
+        // Another epoch: another order.
+        assert_ne!(order, cat_targets(&c));
+        // Another seed: another order.
+        let d: Vec<Batch> = Loader::new(
+            &ds,
+            LoaderOptions {
+                seed: 43,
+                ..opts(5, 0)
+            },
+        )
+        .collect();
+        assert_ne!(order, cat_targets(&d));
+        // Augmentation changes images, and only by crop and flip: with it off, the same order
+        // gives the plain normalised images.
+        let plain: Vec<Batch> = Loader::new(
+            &ds,
+            LoaderOptions {
+                augment: false,
+                ..opts(5, 0)
+            },
+        )
+        .collect();
+        assert_eq!(cat_targets(&plain), order);
+        let idx = Tensor::from_slice(&order);
+        let all = normalize_batch(&ds.images, &opts(5, 0).normalize, Device::Cpu);
+        assert!(cat_inputs(&plain).equal(&all.index_select(0, &idx)));
+        assert!(!cat_inputs(&a).equal(&cat_inputs(&plain)));
+    }
+
+    #[test]
+    fn data_loader_dropped_early_does_not_hang() {
+        let ds = toy(200);
+        let started = Instant::now();
+        for epoch in 0..5 {
+            let mut loader = Loader::new(&ds, opts(1, epoch));
+            let _first = loader.next().unwrap();
+            // Let the worker fill the channel and block in send.
+            std::thread::sleep(Duration::from_millis(20));
+            drop(loader);
+            // Dropped before the first batch, too.
+            drop(Loader::new(&ds, opts(1, epoch)));
+        }
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn data_loader_counts_waits() {
+        let ds = toy(64);
+        // Callers holding an `Arc<Dataset>` can pass it as it is.
+        let shared: std::sync::Arc<Dataset> = std::sync::Arc::from(ds);
+        let mut loader = Loader::new(shared.clone(), opts(8, 0));
+        let mut n = 0;
+        for _batch in loader.by_ref() {
+            n += 1;
+            // A slow consumer: the worker stays ahead, so later batches are ready.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!((n, loader.yielded()), (8, 8));
+        assert!(loader.waits() < n / 2, "waits {}", loader.waits());
+        assert!(loader.next().is_none());
+    }
+}

@@ -1,0 +1,160 @@
+//! Support for the end-to-end tests: build the binary and plugins once, write manifests and
+//! configs into temporary directories, run `trellis` and read what it wrote.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// target/debug: the test binary lives in target/debug/deps.
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+/// Builds the `trellis` binary and every workspace plugin once per test process.
+pub fn build_workspace() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let profile = if target_dir().ends_with("release") {
+            vec!["--release"]
+        } else {
+            vec![]
+        };
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--workspace", "--quiet"])
+            .args(profile)
+            .current_dir(workspace_root())
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "cargo build --workspace failed");
+    });
+}
+
+pub fn trellis_bin() -> PathBuf {
+    build_workspace();
+    target_dir().join("trellis")
+}
+
+/// The path of a workspace plugin's dylib, e.g. `plugin("trellis-optim")`.
+pub fn plugin(package: &str) -> PathBuf {
+    build_workspace();
+    target_dir().join(format!("lib{}.so", package.replace('-', "_")))
+}
+
+/// A manifest listing the given workspace plugins, written into `dir`.
+pub fn write_manifest(dir: &Path, packages: &[&str]) -> PathBuf {
+    let mut text = String::new();
+    for p in packages {
+        text.push_str(&format!(
+            "[[plugin]]\nname = \"{p}\"\npath = \"{}\"\n\n",
+            plugin(p).display()
+        ));
+    }
+    let path = dir.join("plugins.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Runs `trellis` with `args` in `dir`.
+pub fn trellis(dir: &Path, args: &[&str]) -> Output {
+    Command::new(trellis_bin())
+        .args(args)
+        .current_dir(dir)
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("trellis runs")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Asserts success, printing both streams otherwise.
+pub fn assert_ok(o: &Output) {
+    assert!(
+        o.status.success(),
+        "trellis failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        stdout(o),
+        stderr(o)
+    );
+}
+
+/// Asserts a clean failure (an error, not a crash) and returns stderr.
+pub fn assert_error(o: &Output) -> String {
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "expected a clean error exit, got {}:\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        stdout(o),
+        stderr(o)
+    );
+    stderr(o)
+}
+
+/// The records of a run's metrics.jsonl.
+pub fn metrics(run_dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A small, fast run config on the synthetic data with the optim and metrics plugins.
+pub fn small_config(extra: &str) -> String {
+    format!(
+        r#"plugins = "plugins.toml"
+
+[model]
+arch = "resnet18"
+width = 0.125
+
+[data]
+train_size = 1000
+test_size = 500
+
+[train]
+epochs = 2
+batch_size = 50
+seed = 3
+device = "cpu"
+
+[optimizer]
+use = "sgd"
+lr = 0.05
+momentum = 0.9
+weight_decay = 5e-4
+
+[schedule]
+kind = "cosine"
+
+[[metrics]]
+use = "accuracy"
+
+[[metrics]]
+use = "loss"
+{extra}"#
+    )
+}
+
+/// A temp dir with a manifest of the standard plugins and `run.toml` = `config`.
+pub fn setup(config: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    write_manifest(dir.path(), &["trellis-optim", "trellis-metrics"]);
+    let path = dir.path().join("run.toml");
+    std::fs::write(&path, config).unwrap();
+    (dir, path)
+}
