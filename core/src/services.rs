@@ -113,6 +113,7 @@ pub struct RunState {
     pub normalize: Normalize,
     pub rates: RefCell<Vec<GroupRate>>,
     pub run_dir: Option<PathBuf>,
+    pub config_dir: PathBuf,
     /// Batches served to components, independent of the training loop's own order.
     host_batches: RefCell<Option<Loader>>,
     host_epoch: Cell<usize>,
@@ -130,6 +131,7 @@ impl RunState {
         augment: bool,
         normalize: Normalize,
         run_dir: Option<PathBuf>,
+        config_dir: PathBuf,
     ) -> Rc<RunState> {
         let [in_channels, image_size, _] = train_data.image_shape();
         Rc::new(RunState {
@@ -145,6 +147,7 @@ impl RunState {
             normalize,
             rates: RefCell::new(Vec::new()),
             run_dir,
+            config_dir,
             host_batches: RefCell::new(None),
             host_epoch: Cell::new(0),
         })
@@ -235,5 +238,9 @@ impl HostServices for RunHost {
 
     fn run_dir(&self) -> Option<PathBuf> {
         self.0.run_dir.clone()
+    }
+
+    fn config_dir(&self) -> PathBuf {
+        self.0.config_dir.clone()
     }
 }

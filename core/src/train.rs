@@ -587,6 +587,7 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary> {
         c.data.augment,
         normalize,
         Some(run_dir.clone()),
+        cfg.dir(),
     );
     let host = RunHost(state.clone());
     let (registry, mut components) = create_components(&cfg, opts.manifest.as_deref(), &host)?;

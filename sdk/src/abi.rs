@@ -325,8 +325,11 @@ pub trait FfiHost {
     fn build_model(&self, spec: RStr<'_>, checkpoint: RStr<'_>) -> FfiResult<FfiModelBox>;
     /// The optimizer's parameter groups with their current learning rates.
     fn learning_rates(&self) -> RVec<FfiGroupRate>;
-    #[sabi(last_prefix_field)]
     fn run_dir(&self) -> ROption<RString>;
+    /// The directory of the run config: relative paths in a component's configuration are
+    /// relative to it.
+    #[sabi(last_prefix_field)]
+    fn config_dir(&self) -> RString;
 }
 
 pub type FfiHostBox = FfiHost_TO<'static, RBox<()>>;

@@ -585,6 +585,9 @@ impl<S: HostServices> FfiHost for HostAdapter<S> {
             })
             .collect()
     }
+    fn config_dir(&self) -> RString {
+        self.0.config_dir().to_string_lossy().into_owned().into()
+    }
     fn run_dir(&self) -> ROption<RString> {
         self.0
             .run_dir()

@@ -38,6 +38,7 @@ pub trait HostServices: 'static {
     fn build_model(&self, spec: &str, checkpoint: &Path) -> Result<Model>;
     fn learning_rates(&self) -> Vec<GroupRate>;
     fn run_dir(&self) -> Option<PathBuf>;
+    fn config_dir(&self) -> PathBuf;
 }
 
 /// A model owned by the host.
