@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
+use std::sync::Mutex;
 
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -18,33 +18,34 @@ pub fn target_dir() -> PathBuf {
     exe.parent().unwrap().parent().unwrap().to_path_buf()
 }
 
-/// Builds the `trellis` binary and every workspace plugin once per test process.
-pub fn build_workspace() {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let profile = if target_dir().ends_with("release") {
-            vec!["--release"]
-        } else {
-            vec![]
-        };
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--workspace", "--quiet"])
-            .args(profile)
-            .current_dir(workspace_root())
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "cargo build --workspace failed");
-    });
+/// Builds workspace packages (the `trellis` binary, plugin dylibs) once per test process, with
+/// the profile the tests run under.
+pub fn build(package: &str) {
+    static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if built.iter().any(|p| p == package) {
+        return;
+    }
+    let mut command = Command::new(env!("CARGO"));
+    command
+        .args(["build", "--quiet", "-p", package])
+        .current_dir(workspace_root());
+    if target_dir().ends_with("release") {
+        command.arg("--release");
+    }
+    let status = command.status().expect("cargo runs");
+    assert!(status.success(), "cargo build -p {package} failed");
+    built.push(package.to_string());
 }
 
 pub fn trellis_bin() -> PathBuf {
-    build_workspace();
+    build("trellis");
     target_dir().join("trellis")
 }
 
 /// The path of a workspace plugin's dylib, e.g. `plugin("trellis-optim")`.
 pub fn plugin(package: &str) -> PathBuf {
-    build_workspace();
+    build(package);
     target_dir().join(format!("lib{}.so", package.replace('-', "_")))
 }
 
