@@ -68,6 +68,33 @@ pub struct TrainConfig {
     pub threads: usize,
     /// Save a checkpoint every N epochs (and always after the last).
     pub checkpoint_every: usize,
+    /// Mixed precision: convolutions and linear layers compute in bf16 (inputs and weights cast,
+    /// gradients flowing back to the f32 weights), everything else in f32.
+    #[serde(skip_serializing_if = "Autocast::is_off")]
+    pub autocast: Autocast,
+}
+
+/// `[train] autocast`: the reduced precision convolutions and linear layers compute in.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Autocast {
+    #[default]
+    Off,
+    Bf16,
+}
+
+impl Autocast {
+    pub fn is_off(&self) -> bool {
+        *self == Autocast::Off
+    }
+
+    /// The kind for [`crate::models::autocast`].
+    pub fn kind(self) -> Option<tch::Kind> {
+        match self {
+            Autocast::Off => None,
+            Autocast::Bf16 => Some(tch::Kind::BFloat16),
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -82,6 +109,7 @@ impl Default for TrainConfig {
             drop_last: false,
             threads: 0,
             checkpoint_every: 1,
+            autocast: Autocast::Off,
         }
     }
 }
@@ -319,11 +347,84 @@ impl LoadedConfig {
                 self.error_at(&[Seg::Key("schedule"), Seg::Key(k)], &message, None)
             })?;
         if let Some(p) = &c.pruner {
-            p.density().map_err(|(k, message)| {
-                self.error_at(&[Seg::Key("pruner"), Seg::Key(k)], &message, None)
-            })?;
+            self.validate_pruner(p)?;
         }
         Ok(())
+    }
+
+    fn validate_pruner(&self, p: &PrunerConfig) -> Result<()> {
+        let error = |k: &str, message: &str, help: Option<&str>| {
+            self.error_at(
+                &self.key_or_table(&[Seg::Key("pruner"), Seg::Key(k)]),
+                message,
+                help,
+            )
+        };
+        match (&p.component, &p.masks) {
+            (Some(_), Some(_)) => return Err(error(
+                "masks",
+                "[pruner] takes either `use` (a pruner) or `masks` (a saved mask file), not both",
+                None,
+            )),
+            (None, None) => {
+                return Err(error(
+                    "use",
+                    "[pruner] needs `use = \"<pruner>\"` or `masks = \"<file>\"`",
+                    Some("run `trellis plugins` to list the pruners (snip, grasp, synflow, ...)"),
+                ))
+            }
+            (None, Some(_)) => {
+                if let Some(key) = p.options.keys().next() {
+                    return Err(error(
+                        key,
+                        &format!("unknown key `{key}` in [pruner]: with `masks` there is no pruner to take it"),
+                        None,
+                    ));
+                }
+            }
+            (Some(_), None) => {}
+        }
+        let density = p
+            .density()
+            .map_err(|(k, message)| error(k, &message, None))?;
+        if density == 0.0 {
+            let key = if p.sparsity.is_some() {
+                "sparsity"
+            } else if p.density.is_some() {
+                "density"
+            } else {
+                "compression"
+            };
+            return Err(error(
+                key,
+                "this target keeps no weight at all: the pruned network could only output its biases",
+                Some("sparsity and density are fractions, e.g. sparsity = 0.98 keeps 2 %"),
+            ));
+        }
+        if p.samples_per_class == 0 {
+            return Err(error(
+                "samples_per_class",
+                "[pruner] samples_per_class must be at least 1",
+                None,
+            ));
+        }
+        if p.batches == 0 {
+            return Err(error(
+                "batches",
+                "[pruner] batches must be at least 1",
+                None,
+            ));
+        }
+        Ok(())
+    }
+
+    /// `path` when the file has it, else the table it would be in (for keys left to defaults).
+    fn key_or_table<'p>(&self, path: &[Seg<'p>]) -> Vec<Seg<'p>> {
+        if self.source.key_span(path).is_some() || path.len() < 2 {
+            path.to_vec()
+        } else {
+            path[..path.len() - 1].to_vec()
+        }
     }
 
     /// The components the config asks for, with their tables' locations.
@@ -464,12 +565,28 @@ pub fn apply_override(doc: &mut toml_edit::DocumentMut, assignment: &str) -> Res
         .unwrap_or_else(|_| toml_edit::Value::from(value_text));
     let (last, parents) = keys.split_last().expect("checked non-empty");
     let mut table = doc.as_table_mut();
-    for k in parents {
+    let mut segments = parents.iter().peekable();
+    while let Some(k) = segments.next() {
         let item = table
             .entry(k)
             .or_insert_with(|| toml_edit::Item::Table(toml_edit::Table::new()));
         table = match item {
             toml_edit::Item::Table(t) => t,
+            // `[[metrics]]` and `[[distillers]]`: the next segment picks one by position.
+            toml_edit::Item::ArrayOfTables(array) => {
+                let Some(index) = segments.next().and_then(|s| s.parse::<usize>().ok()) else {
+                    bail!(
+                        "--set {assignment}: `{k}` is a list of tables; name one by its position, \
+                         e.g. `{k}.0.key=value`"
+                    );
+                };
+                let len = array.len();
+                array.get_mut(index).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--set {assignment}: `{k}` has {len} entries, there is no `{k}.{index}`"
+                    )
+                })?
+            }
             _ => bail!(
                 "--set {assignment}: `{k}` is not a table, so `{}` cannot be set inside it",
                 path.trim()
@@ -516,6 +633,21 @@ momentum = 0.9
     }
 
     #[test]
+    fn train_autocast_is_off_unless_asked_for() {
+        let (_dir, path) = write(BASE);
+        let c = LoadedConfig::load(&path, &[]).unwrap();
+        assert_eq!(c.config.train.autocast.kind(), None);
+        // Left out of the resolved config when off, so older run directories read the same.
+        assert!(!toml::to_string(&c.config).unwrap().contains("autocast"));
+        let on = LoadedConfig::load(&path, &["train.autocast=\"bf16\"".to_string()]).unwrap();
+        assert_eq!(on.config.train.autocast.kind(), Some(tch::Kind::BFloat16));
+        let back: RunConfig = toml::from_str(&toml::to_string(&on.config).unwrap()).unwrap();
+        assert_eq!(back.train.autocast, Autocast::Bf16);
+        let e = err(BASE, &["train.autocast=\"fp8\""]);
+        assert!(e.contains("fp8") && e.contains("bf16"), "{e}");
+    }
+
+    #[test]
     fn loads_and_keeps_component_keys_for_the_plugin() {
         let (_dir, path) = write(BASE);
         let c = LoadedConfig::load(&path, &[]).unwrap();
@@ -550,6 +682,20 @@ momentum = 0.9
     }
 
     #[test]
+    fn overrides_reach_into_lists_of_tables() {
+        let text =
+            format!("{BASE}\n[[metrics]]\nuse = \"accuracy\"\n\n[[metrics]]\nuse = \"ece\"\n");
+        let (_dir, path) = write(&text);
+        let c = LoadedConfig::load(&path, &["metrics.1.bins=5".into()]).unwrap();
+        assert_eq!(c.config.metrics[1].options["bins"].as_integer(), Some(5));
+        assert!(c.config.metrics[0].options.is_empty());
+        let e = err(&text, &["metrics.2.bins=5"]);
+        assert!(e.contains("has 2 entries"), "{e}");
+        let e = err(&text, &["metrics.bins=5"]);
+        assert!(e.contains("name one by its position"), "{e}");
+    }
+
+    #[test]
     fn overrides_apply_and_errors_still_point_at_lines() {
         let (_dir, path) = write(BASE);
         let c = LoadedConfig::load(
@@ -579,5 +725,31 @@ momentum = 0.9
         let (_d, path) = write(&pruner("compression = 2"));
         let c = LoadedConfig::load(&path, &[]).unwrap();
         assert!((c.config.pruner.unwrap().density().unwrap() - 0.01).abs() < 1e-12);
+    }
+
+    #[test]
+    fn pruner_sources_and_sizes_are_checked() {
+        let table = |body: &str| format!("{BASE}\n[pruner]\n{body}\n");
+        let e = err(&table("use = \"snip\"\nmasks = \"m.safetensors\""), &[]);
+        assert!(e.contains("not both") && e.contains(":15:"), "{e}");
+        let e = err(&table("sparsity = 0.9"), &[]);
+        assert!(e.contains("needs `use"), "{e}");
+        let e = err(
+            &table("masks = \"m.safetensors\"\nbn_mode = \"train\""),
+            &[],
+        );
+        assert!(
+            e.contains("unknown key `bn_mode`") && e.contains(":15:"),
+            "{e}"
+        );
+        let e = err(&table("use = \"snip\"\nsparsity = 1.0"), &[]);
+        assert!(e.contains("keeps no weight") && e.contains(":15:"), "{e}");
+        let e = err(&table("use = \"snip\"\nsparsity = 0.9\nbatches = 0"), &[]);
+        assert!(
+            e.contains("batches must be at least 1") && e.contains(":16:"),
+            "{e}"
+        );
+        let (_d, path) = write(&table("masks = \"m.safetensors\""));
+        assert!(LoadedConfig::load(&path, &[]).is_ok());
     }
 }

@@ -44,6 +44,48 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Per-layer heavy-tailed spectral diagnostics (power-law alpha of each layer's ESD) of a
+    /// saved model.
+    Esd {
+        /// The weights, e.g. a run directory's model.safetensors.
+        weights: PathBuf,
+        /// The architecture the weights belong to.
+        #[arg(long, default_value = "resnet18", value_parser = trellis::esd::parse_arch)]
+        arch: trellis::models::Arch,
+        /// The model's width multiplier ([model] width).
+        #[arg(long, default_value_t = 1.0)]
+        width: f64,
+        /// The number of classes of the model's head.
+        #[arg(long, default_value_t = 10)]
+        classes: i64,
+        /// How xmin is chosen: median or goodness-of-fit.
+        #[arg(long, default_value = "median")]
+        fit: trellis_spectral::Fit,
+    },
+    /// Compute a config's pruning masks without training on: the run is set up as `trellis run`
+    /// would (same model, seed and scoring batch), trained up to `[pruner] at_step`, and pruned.
+    Prune {
+        /// The run config (TOML) with a [pruner] table.
+        config: PathBuf,
+        /// Where to write the masks (safetensors, one 0/1 tensor per prunable weight).
+        #[arg(long)]
+        out: PathBuf,
+        /// Also write the pruner's raw scores here.
+        #[arg(long)]
+        scores: Option<PathBuf>,
+        /// Also write the network's weights at the pruning point, before masking, here.
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        /// Also write the exact scoring batch here (`inputs`, `targets`, `batch_sizes`).
+        #[arg(long)]
+        batch: Option<PathBuf>,
+        /// Override any key of the config: `--set pruner.sparsity=0.98`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Use this plugin manifest instead of the config's `plugins`.
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+    },
     /// List the components the plugins of a manifest provide, or inspect one plugin file.
     Plugins {
         #[command(subcommand)]
@@ -136,6 +178,40 @@ fn main() -> ExitCode {
             progress: !quiet,
         })
         .map(|_| ()),
+        Command::Esd {
+            weights,
+            arch,
+            width,
+            classes,
+            fit,
+        } => trellis::esd::run(&trellis::esd::EsdOptions {
+            weights,
+            arch,
+            width,
+            classes,
+            fit,
+        }),
+        Command::Prune {
+            config,
+            out,
+            scores,
+            weights,
+            batch,
+            overrides,
+            manifest,
+        } => trellis::prune::prune(&trellis::prune::PruneOptions {
+            config,
+            overrides,
+            manifest,
+            out: out.clone(),
+            scores,
+            weights,
+            batch,
+        })
+        .map(|masks| {
+            println!("{}", trellis::prune::density_table(&masks));
+            println!("masks: {}", out.display());
+        }),
         Command::Plugins {
             action: Some(PluginsAction::Inspect { file }),
             ..

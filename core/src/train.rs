@@ -18,6 +18,7 @@ use crate::config::{component_text, DeviceChoice, LoadedConfig};
 use crate::data::{self, Dataset, Loader, LoaderOptions, Normalize};
 use crate::models::Network;
 use crate::plugin_host::{Component, Registry};
+use crate::prune::{self, Masks, Pruning};
 use crate::report::{summary_table, table_map, EpochRecord, MetricsLog, Progress};
 use crate::services::{RunHost, RunState, SharedModel};
 
@@ -249,9 +250,30 @@ struct Trainer<'a> {
     distiller_params: Vec<(String, Vec<(String, Tensor)>)>,
     steps_per_epoch: u64,
     step: u64,
+    /// The training set where the loader reads it: on the GPU for a GPU run, uploaded once.
+    loader_data: Rc<Dataset>,
+    /// The next epoch's loader, started before evaluation.
+    next_loader: Option<(usize, Loader)>,
+    pruning: Option<Pruning>,
+    /// `trellis prune`: end the epoch as soon as the masks are in force.
+    stop_when_pruned: bool,
 }
 
 impl Trainer<'_> {
+    /// Prunes if the plan says so before training step `self.step`.
+    fn prune_if_due(&mut self) -> Result<()> {
+        if let Some(p) = &mut self.pruning {
+            if p.due(self.step) {
+                p.prune(&self.state, self.step)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn masks(&self) -> Option<&Masks> {
+        self.pruning.as_ref().and_then(|p| p.masks.as_ref())
+    }
+
     fn base_rate(&self) -> f64 {
         let c = &self.cfg.config;
         c.schedule.rate(
@@ -293,7 +315,8 @@ impl Trainer<'_> {
                     .copy_from_slice(&self.rates[..self.scheduled_groups]),
             }
         }
-        if rates != self.rates {
+        // The first call publishes the rates even if unchanged: metrics read them from epoch 1.
+        if rates != self.rates || self.state.rates.borrow().is_empty() {
             self.components
                 .optimizer
                 .set_learning_rates(&rates)
@@ -330,19 +353,10 @@ impl Trainer<'_> {
         for d in &mut self.components.distillers {
             d.set_training(true);
         }
-        let mut loader = Loader::new(
-            self.state.train_data.clone(),
-            LoaderOptions {
-                batch_size: c.train.batch_size,
-                shuffle: true,
-                augment: c.data.augment,
-                drop_last: c.train.drop_last,
-                seed: c.train.seed,
-                epoch,
-                device: self.state.device,
-                normalize: self.state.normalize.clone(),
-            },
-        );
+        let mut loader = match self.next_loader.take() {
+            Some((e, loader)) if e == epoch => loader,
+            _ => self.train_loader(epoch),
+        };
         progress.start_epoch(epoch + 1, c.train.epochs, self.steps_per_epoch);
         let replace_task_loss = self
             .components
@@ -354,6 +368,10 @@ impl Trainer<'_> {
         let mut samples = 0i64;
         let mut since_check = 0;
         for (i, batch) in loader.by_ref().enumerate() {
+            self.prune_if_due()?;
+            if self.stop_when_pruned && self.masks().is_some() {
+                break;
+            }
             if per_step && i > 0 {
                 self.update_rates(Boundary::Step, epoch)?;
             }
@@ -361,7 +379,9 @@ impl Trainer<'_> {
                 inputs: batch.inputs,
                 targets: batch.targets,
             };
-            let (logits, features) = self.state.model.forward(&batch.inputs);
+            let (logits, features) = crate::models::autocast(c.train.autocast.kind(), || {
+                self.state.model.forward(&batch.inputs)
+            });
             let mut loss = if replace_task_loss {
                 Tensor::zeros([], (Kind::Float, self.state.device))
             } else {
@@ -377,7 +397,14 @@ impl Trainer<'_> {
             }
             self.zero_grad();
             loss.backward();
+            if let Some(masks) = self.masks() {
+                masks.mask_gradients();
+            }
             self.components.optimizer.step().map_err(sdk_error)?;
+            // Momentum and weight decay move pruned weights off zero; put them back.
+            if let Some(masks) = self.masks() {
+                masks.apply();
+            }
             self.step += 1;
             let n = batch.targets.size()[0];
             samples += n;
@@ -392,9 +419,31 @@ impl Trainer<'_> {
             }
         }
         progress.finish_epoch();
+        // The next epoch's first batches are prepared during evaluation, so that its first step
+        // does not wait for the loader to start (a loader's batches depend on (seed, epoch) only).
+        if epoch + 1 < c.train.epochs && !self.stop_when_pruned {
+            self.next_loader = Some((epoch + 1, self.train_loader(epoch + 1)));
+        }
         let mean = loss_sum.double_value(&[]) / samples.max(1) as f64;
         check_finite(mean, epoch, self.step)?;
         Ok((mean, loader.waits()))
+    }
+
+    fn train_loader(&self, epoch: usize) -> Loader {
+        let c = &self.cfg.config;
+        Loader::new(
+            self.loader_data.clone(),
+            LoaderOptions {
+                batch_size: c.train.batch_size,
+                shuffle: true,
+                augment: c.data.augment,
+                drop_last: c.train.drop_last,
+                seed: c.train.seed,
+                epoch,
+                device: self.state.device,
+                normalize: self.state.normalize.clone(),
+            },
+        )
     }
 
     fn evaluate(
@@ -426,7 +475,9 @@ impl Trainer<'_> {
                 },
             );
             for batch in loader {
-                let (logits, features) = self.state.model.forward(&batch.inputs);
+                let (logits, features) = crate::models::autocast(c.train.autocast.kind(), || {
+                    self.state.model.forward(&batch.inputs)
+                });
                 let batch = Batch {
                     inputs: batch.inputs,
                     targets: batch.targets,
@@ -478,6 +529,9 @@ impl Trainer<'_> {
                 .collect();
             parts.insert(format!("params.{owner}"), (tensors, String::new()));
         }
+        if let Some(part) = self.pruning.as_ref().and_then(Pruning::checkpoint_part) {
+            parts.insert("masks".to_string(), part);
+        }
         Ok(TrainingState {
             epoch,
             step: self.step,
@@ -516,6 +570,23 @@ impl Trainer<'_> {
                 tch::no_grad(|| t.shallow_clone().copy_(s));
             }
         }
+        let masks = take("masks");
+        match &mut self.pruning {
+            Some(p) if !masks.tensors.is_empty() => {
+                p.restore(&self.state, masks.tensors, &masks.meta)?
+            }
+            Some(p) if state.step > p.at_step => bail!(
+                "the checkpoint (step {}) is past [pruner] at_step = {} but holds no masks\n  help: the \
+                 config changed since the run started; resume with the run directory's config.toml",
+                state.step,
+                p.at_step
+            ),
+            None if !masks.tensors.is_empty() => bail!(
+                "the checkpoint holds pruning masks but the config has no [pruner]\n  help: resume with \
+                 the run directory's config.toml, which the run started with"
+            ),
+            _ => {}
+        }
         self.step = state.step;
         Ok(())
     }
@@ -532,40 +603,27 @@ fn check_finite(loss: f64, epoch: usize, step: u64) -> Result<()> {
     Ok(())
 }
 
-/// Runs one config end to end.
-pub fn run(opts: &RunOptions) -> Result<RunSummary> {
-    let cfg = LoadedConfig::load(&opts.config, &opts.overrides)?;
+/// A run set up to its first step: data, model, components and the loop's state. `trellis run`
+/// trains it; `trellis prune` takes it only as far as its pruning point.
+struct Prepared<'a> {
+    trainer: Trainer<'a>,
+    registry: Registry,
+    model: Rc<SharedModel>,
+    train_data: Rc<Dataset>,
+    test_data: Rc<Dataset>,
+    device: Device,
+}
+
+fn prepare<'a>(
+    cfg: &'a LoadedConfig,
+    manifest: Option<&Path>,
+    run_dir: Option<PathBuf>,
+) -> Result<Prepared<'a>> {
     let c = &cfg.config;
-    if c.pruner.is_some() {
-        return Err(cfg.error_at(
-            &[crate::source::Seg::Key("pruner")],
-            "pruning is not available in this build of trellis yet",
-            Some("remove the [pruner] table"),
-        ));
-    }
     if c.train.threads > 0 {
         tch::set_num_threads(c.train.threads as i32);
     }
     let device = resolve_device(c.train.device)?;
-
-    let run_dir = opts
-        .out
-        .clone()
-        .unwrap_or_else(|| default_run_dir(&opts.config));
-    if opts.resume && !checkpoint::exists(&run_dir) {
-        bail!(
-            "--resume: {} has no checkpoint to continue from\n  help: run without --resume to start it",
-            run_dir.display()
-        );
-    }
-    if !opts.resume && run_dir.join("metrics.jsonl").exists() {
-        bail!(
-            "{} already holds a run\n  help: pass --resume to continue it, or choose another --out",
-            run_dir.display()
-        );
-    }
-    std::fs::create_dir_all(&run_dir)
-        .with_context(|| format!("cannot create {}", run_dir.display()))?;
 
     tch::manual_seed(c.train.seed as i64);
     let splits = data::load(&c.data, &cfg.dir(), c.train.seed)?;
@@ -586,39 +644,11 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary> {
         c.train.batch_size,
         c.data.augment,
         normalize,
-        Some(run_dir.clone()),
+        run_dir,
         cfg.dir(),
     );
     let host = RunHost(state.clone());
-    let (registry, mut components) = create_components(&cfg, opts.manifest.as_deref(), &host)?;
-
-    std::fs::write(run_dir.join("config.toml"), resolved_config(&cfg)?)?;
-    let used: Vec<(Role, &str)> = cfg
-        .components()
-        .iter()
-        .map(|(t, n, _)| (t.role(), *n))
-        .collect();
-    let plugin_records: Vec<PluginRecord<'_>> = registry
-        .libraries
-        .iter()
-        .map(|l| PluginRecord {
-            name: &l.info.name,
-            version: &l.info.version,
-            path: l.path.display().to_string(),
-            sha256: &l.sha256,
-            components: l
-                .info
-                .components
-                .iter()
-                .filter(|comp| used.iter().any(|(r, n)| *r == comp.role && *n == comp.name))
-                .map(|comp| format!("{} {}", comp.role, comp.name))
-                .collect(),
-        })
-        .collect();
-    std::fs::write(
-        run_dir.join("plugins.json"),
-        serde_json::to_string_pretty(&plugin_records)?,
-    )?;
+    let (registry, mut components) = create_components(cfg, manifest, &host)?;
 
     // Parameter groups.
     let specs = match &mut components.scheduler {
@@ -666,9 +696,11 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary> {
             c.train.batch_size
         );
     }
-    let mut trainer = Trainer {
-        cfg: &cfg,
-        state: state.clone(),
+    let total_steps = steps_per_epoch * c.train.epochs as u64;
+    let pruning = Pruning::setup(cfg, &registry, &host, total_steps)?;
+    let trainer = Trainer {
+        cfg,
+        state,
         components,
         groups: group_names,
         scheduled_groups,
@@ -677,7 +709,121 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary> {
         distiller_params,
         steps_per_epoch,
         step: 0,
+        loader_data: resident(&train_data, device),
+        next_loader: None,
+        pruning,
+        stop_when_pruned: false,
     };
+    Ok(Prepared {
+        trainer,
+        registry,
+        model,
+        test_data: resident(&test_data, device),
+        train_data,
+        device,
+    })
+}
+
+/// `data` where loaders for `device` read it: a GPU run keeps the u8 images on the device, where
+/// its loaders crop, flip and normalise them.
+fn resident(data: &Rc<Dataset>, device: Device) -> Rc<Dataset> {
+    match device {
+        Device::Cpu => data.clone(),
+        _ => Rc::new(data.to_device(device)),
+    }
+}
+
+/// `trellis prune`'s run: set up exactly as `trellis run` would, trained up to the pruning point
+/// (not at all for `at_step = 0`), pruned, and stopped. Returns the pruning with its masks.
+pub(crate) fn run_until_pruned(
+    cfg: &LoadedConfig,
+    manifest: Option<&Path>,
+    inspect: bool,
+) -> Result<Pruning> {
+    let Prepared { mut trainer, .. } = prepare(cfg, manifest, None)?;
+    let Some(pruning) = &mut trainer.pruning else {
+        bail!("the config has no [pruner] table");
+    };
+    pruning.inspect = inspect;
+    if pruning.at_step > 0 {
+        tracing::info!("training {} steps before pruning", pruning.at_step);
+    }
+    trainer.stop_when_pruned = true;
+    trainer.prune_if_due()?;
+    let mut progress = Progress::new(false);
+    let mut epoch = 0;
+    while trainer.masks().is_none() {
+        trainer.train_epoch(epoch, &mut progress)?;
+        epoch += 1;
+    }
+    trainer
+        .pruning
+        .take()
+        .ok_or_else(|| anyhow!("internal error: the pruning vanished"))
+}
+
+/// Runs one config end to end.
+pub fn run(opts: &RunOptions) -> Result<RunSummary> {
+    let cfg = LoadedConfig::load(&opts.config, &opts.overrides)?;
+    let c = &cfg.config;
+    // Before the run directory exists, so a bad device leaves nothing behind.
+    resolve_device(c.train.device)?;
+
+    let run_dir = opts
+        .out
+        .clone()
+        .unwrap_or_else(|| default_run_dir(&opts.config));
+    if opts.resume && !checkpoint::exists(&run_dir) {
+        bail!(
+            "--resume: {} has no checkpoint to continue from\n  help: run without --resume to start it",
+            run_dir.display()
+        );
+    }
+    if !opts.resume && run_dir.join("metrics.jsonl").exists() {
+        bail!(
+            "{} already holds a run\n  help: pass --resume to continue it, or choose another --out",
+            run_dir.display()
+        );
+    }
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
+
+    let Prepared {
+        mut trainer,
+        registry,
+        model,
+        train_data,
+        test_data,
+        device,
+    } = prepare(&cfg, opts.manifest.as_deref(), Some(run_dir.clone()))?;
+
+    std::fs::write(run_dir.join("config.toml"), resolved_config(&cfg)?)?;
+    let used: Vec<(Role, &str)> = cfg
+        .components()
+        .iter()
+        .map(|(t, n, _)| (t.role(), *n))
+        .collect();
+    let plugin_records: Vec<PluginRecord<'_>> = registry
+        .libraries
+        .iter()
+        .map(|l| PluginRecord {
+            name: &l.info.name,
+            version: &l.info.version,
+            path: l.path.display().to_string(),
+            sha256: &l.sha256,
+            components: l
+                .info
+                .components
+                .iter()
+                .filter(|comp| used.iter().any(|(r, n)| *r == comp.role && *n == comp.name))
+                .map(|comp| format!("{} {}", comp.role, comp.name))
+                .collect(),
+        })
+        .collect();
+    std::fs::write(
+        run_dir.join("plugins.json"),
+        serde_json::to_string_pretty(&plugin_records)?,
+    )?;
 
     let mut start_epoch = 0;
     if opts.resume {
@@ -687,6 +833,7 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary> {
         trainer.restore(saved)?;
         tracing::info!("resuming {} after epoch {start_epoch}", run_dir.display());
     }
+    trainer.prune_if_due()?;
     let (log, mut records) = MetricsLog::open(&run_dir, start_epoch)?;
 
     tracing::info!(
@@ -696,7 +843,7 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary> {
         train_data.len(),
         c.data.source,
         c.train.epochs,
-        steps_per_epoch,
+        trainer.steps_per_epoch,
         device,
         run_dir.display()
     );
@@ -713,11 +860,14 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary> {
             epochs: epochs as u64,
             step: trainer.step,
         };
-        let (test, tables) = if done % c.train.eval_every == 0 || done == epochs {
+        let (test, mut tables) = if done % c.train.eval_every == 0 || done == epochs {
             trainer.evaluate(&test_data, info)?
         } else {
             Default::default()
         };
+        if let Some(p) = &mut trainer.pruning {
+            tables.extend(p.take_tables());
+        }
         let record = EpochRecord {
             epoch: done,
             step: trainer.step,
@@ -763,6 +913,9 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary> {
         );
     }
     println!("\n{}", summary_table(&records));
+    if let Some(masks) = trainer.masks() {
+        println!("{}", prune::density_table(masks));
+    }
     println!("run directory: {}", run_dir.display());
     Ok(RunSummary {
         run_dir,

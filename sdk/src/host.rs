@@ -176,4 +176,19 @@ impl Host {
             .into_option()
             .map(|s| s.into_string().into())
     }
+
+    /// The directory of the run config.
+    pub fn config_dir(&self) -> PathBuf {
+        self.inner.config_dir().into_string().into()
+    }
+
+    /// A path from a component's configuration, relative to the run config like the core's own
+    /// paths (absolute paths are kept).
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.config_dir().join(path)
+        }
+    }
 }

@@ -47,9 +47,10 @@ fn synthetic_run_learns_and_writes_its_run_directory() {
     let records = metrics(&run);
     assert_eq!(records.len(), 2);
     let top1 = records[1]["test"]["top1"].as_f64().unwrap();
-    // Ten classes: chance is 10 %.
+    // Ten classes: chance is 10 %. With 500 test images its standard error is 1.3 points, so
+    // 20 % is ~7 standard errors above chance; seeds give 22-34 % at this size and length.
     assert!(
-        top1 > 25.0,
+        top1 > 20.0,
         "test accuracy {top1} is not clearly above chance"
     );
     assert!(

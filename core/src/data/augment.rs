@@ -5,7 +5,7 @@
 //! over the bytes with a per-channel lookup table does all three steps at memory speed, and the
 //! lookup makes the result bit-identical to the formula `(x / 255 - mean) / std`.
 
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// Zero padding on each side before the random crop.
 pub const PAD: usize = 4;
@@ -98,6 +98,53 @@ pub fn augment_into(
             }
         }
     }
+}
+
+/// The tables of [`Normalize::lookup_tables`] as an f32 `[C, 256]` tensor on `device`.
+pub fn lookup_table_tensor(tables: &[[f32; 256]], device: Device) -> Tensor {
+    let flat: Vec<f32> = tables.iter().flatten().copied().collect();
+    Tensor::from_slice(&flat)
+        .view([tables.len() as i64, 256])
+        .to_device(device)
+}
+
+/// [`augment_into`] for a whole batch in tensor operations, so that it runs where the images are
+/// (on a GPU, for one): `images` u8 `[B, C, H, W]`, crop offsets `dy`, `dx` and flips `flip`
+/// (0 or 1) i64 `[B]`, `tables` from [`lookup_table_tensor`], all on one device.
+///
+/// Bit-identical to `augment_into` with the same draws: it reads the same window of the
+/// zero-padded image and maps bytes through the same tables, rather than dividing (which CUDA
+/// kernels do as a multiplication by the reciprocal, a different rounding).
+pub fn augment_batch(
+    images: &Tensor,
+    dy: &Tensor,
+    dx: &Tensor,
+    flip: &Tensor,
+    tables: &Tensor,
+) -> Tensor {
+    let &[b, c, h, w] = images.size().as_slice() else {
+        panic!(
+            "augment_batch expects images [B, C, H, W], got {:?}",
+            images.size()
+        );
+    };
+    let device = images.device();
+    let pad = PAD as i64;
+    let padded = images.constant_pad_nd([pad, pad, pad, pad]);
+    let ys = Tensor::arange(h, (Kind::Int64, device));
+    let xs = Tensor::arange(w, (Kind::Int64, device)).view([1, w]);
+    // Output pixel (y, x) reads padded pixel (y + dy, x' + dx), x' = x or, flipped, w - 1 - x.
+    let rows = dy.view([b, 1]) + ys.view([1, h]);
+    let cols = &xs + flip.view([b, 1]) * (&xs * -2 + (w - 1)) + dx.view([b, 1]);
+    let sample = Tensor::arange(b, (Kind::Int64, device)).view([b, 1, 1, 1]);
+    let channel = Tensor::arange(c, (Kind::Int64, device)).view([1, c, 1, 1]);
+    let bytes = padded.index(&[
+        Some(sample),
+        Some(channel.shallow_clone()),
+        Some(rows.view([b, 1, h, 1])),
+        Some(cols.view([b, 1, 1, w])),
+    ]);
+    tables.index(&[Some(channel), Some(bytes.to_kind(Kind::Int64))])
 }
 
 /// Normalises u8 images `[B, C, H, W]` (any device) into f32 on `device`, without augmentation.
@@ -215,6 +262,47 @@ mod tests {
         // A plain flip.
         let out = run(&src, shape, PAD, PAD, true, &Normalize::identity());
         assert_eq!(out, [30, 20, 10, 60, 50, 40].map(px).to_vec());
+    }
+
+    #[test]
+    fn data_augment_batch_in_tensor_ops_equals_the_byte_loop() {
+        let shape = [3usize, 6, 7];
+        let per_image = shape.iter().product::<usize>();
+        let n = 2 * (2 * PAD + 1) + 3;
+        let bytes: Vec<u8> = (0..n * per_image).map(|i| (i * 37 % 251) as u8).collect();
+        let norm = Normalize {
+            mean: vec![0.5, 0.4, 0.3],
+            std: vec![0.2, 0.25, 0.3],
+        };
+        let tables = norm.lookup_tables(3);
+        // Every offset on each axis, both flips, and the centre crop.
+        let draws: Vec<(usize, usize, bool)> = (0..n)
+            .map(|i| (i % (2 * PAD + 1), (i * 5 + 2) % (2 * PAD + 1), i % 3 == 1))
+            .collect();
+        let mut expected = vec![0f32; n * per_image];
+        for ((src, dst), &(dy, dx, flip)) in bytes
+            .chunks_exact(per_image)
+            .zip(expected.chunks_exact_mut(per_image))
+            .zip(&draws)
+        {
+            augment_into(src, dst, shape, dy, dx, flip, &tables);
+        }
+        let [c, h, w] = shape.map(|d| d as i64);
+        let images = Tensor::from_slice(&bytes).view([n as i64, c, h, w]);
+        let column = |f: fn(&(usize, usize, bool)) -> i64| {
+            Tensor::from_slice(&draws.iter().map(f).collect::<Vec<i64>>())
+        };
+        let out = augment_batch(
+            &images,
+            &column(|d| d.0 as i64),
+            &column(|d| d.1 as i64),
+            &column(|d| d.2 as i64),
+            &lookup_table_tensor(&tables, Device::Cpu),
+        );
+        assert_eq!(out.size(), [n as i64, c, h, w]);
+        assert_eq!(out.kind(), Kind::Float);
+        let expected = Tensor::from_slice(&expected).view([n as i64, c, h, w]);
+        assert!(out.equal(&expected));
     }
 
     #[test]

@@ -1,13 +1,19 @@
 //! The batch pipeline: one background thread per epoch prepares batches ahead of the training
 //! step and hands them over through a small bounded channel.
+//!
+//! For the CPU the thread crops, flips and normalises in plain Rust ([`augment_into`]). For a GPU
+//! it keeps the u8 images on the device (a dataset already there is used as it is, otherwise it
+//! is uploaded once per epoch) and augments there with tensor operations ([`augment_batch`]):
+//! per batch only the sample indices and the draws cross to the device, in one small copy. Both
+//! paths take the same draws and give the same bits.
 
 use std::borrow::Borrow;
 use std::sync::mpsc::{sync_channel, Receiver, TryRecvError};
 use std::thread::JoinHandle;
 
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
-use super::augment::{augment_into, Normalize, PAD};
+use super::augment::{augment_batch, augment_into, lookup_table_tensor, Normalize, PAD};
 use super::rng::Rng;
 use super::Dataset;
 
@@ -73,6 +79,7 @@ impl Loader {
         // `Dataset` is not `Sync`, so the worker gets its own handles to the same storage.
         let data = ds.shallow_clone();
         let (tx, rx) = sync_channel::<Batch>(PREFETCH);
+        let augment = opts.augment;
         let worker = std::thread::Builder::new()
             .name(format!("trellis-loader-e{}", opts.epoch))
             .spawn(move || {
@@ -82,35 +89,22 @@ impl Loader {
                         .shuffle(&mut order);
                 }
                 let mut aug_rng = Rng::derive(opts.seed, &[AUGMENT_STREAM, opts.epoch as u64]);
-                let per_image = c * h * w;
+                let (on_device, labels) = match opts.device {
+                    Device::Cpu => (None, data.label_vec()),
+                    device => (Some(DeviceData::new(&data, &tables, device)), Vec::new()),
+                };
                 for chunk in order.chunks(opts.batch_size).take(total) {
-                    let b = chunk.len();
-                    let idx = Tensor::from_slice(chunk);
-                    let mut bytes = vec![0u8; b * per_image];
-                    data.images
-                        .index_select(0, &idx)
-                        .copy_data(&mut bytes, b * per_image);
-                    let mut out = vec![0f32; b * per_image];
-                    for (src, dst) in bytes
-                        .chunks_exact(per_image)
-                        .zip(out.chunks_exact_mut(per_image))
-                    {
-                        // Three draws per sample, in batch order: the draws depend on
-                        // (seed, epoch) only, not on how the work is scheduled.
-                        let (dy, dx, flip) = if opts.augment {
-                            let dy = aug_rng.below(2 * PAD as u64 + 1) as usize;
-                            let dx = aug_rng.below(2 * PAD as u64 + 1) as usize;
-                            (dy, dx, aug_rng.coin())
-                        } else {
-                            (PAD, PAD, false)
-                        };
-                        augment_into(src, dst, [c, h, w], dy, dx, flip, &tables);
-                    }
-                    let inputs = Tensor::from_slice(&out)
-                        .view([b as i64, c as i64, h as i64, w as i64])
-                        .to_device(opts.device);
-                    let targets = data.labels.index_select(0, &idx).to_device(opts.device);
-                    if tx.send(Batch { inputs, targets }).is_err() {
+                    // Three draws per sample, in batch order: the draws depend on (seed, epoch)
+                    // only, not on how or where the work is done.
+                    let draws: Vec<Draw> = chunk
+                        .iter()
+                        .map(|_| Draw::new(&mut aug_rng, augment))
+                        .collect();
+                    let batch = match &on_device {
+                        Some(d) => d.batch(chunk, &draws),
+                        None => host_batch(&data, &labels, chunk, &draws, [c, h, w], &tables),
+                    };
+                    if tx.send(batch).is_err() {
                         // The Loader was dropped mid-epoch: nobody wants the rest.
                         return;
                     }
@@ -152,6 +146,105 @@ impl Loader {
                 std::panic::resume_unwind(panic);
             }
         }
+    }
+}
+
+/// One sample's augmentation: the crop offset into the padded image and the flip.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Draw {
+    dy: usize,
+    dx: usize,
+    flip: bool,
+}
+
+impl Draw {
+    fn new(rng: &mut Rng, augment: bool) -> Draw {
+        if augment {
+            let dy = rng.below(2 * PAD as u64 + 1) as usize;
+            let dx = rng.below(2 * PAD as u64 + 1) as usize;
+            Draw {
+                dy,
+                dx,
+                flip: rng.coin(),
+            }
+        } else {
+            // The centre crop of the padded image: the image itself.
+            Draw {
+                dy: PAD,
+                dx: PAD,
+                flip: false,
+            }
+        }
+    }
+}
+
+/// A batch built on the CPU in plain Rust.
+///
+/// Each image is copied out on its own rather than gathered with `index_select`: that would be a
+/// parallel libtorch operation on this thread, and with OpenMP every thread that calls one gets a
+/// team of its own, whose threads then compete with the training step's for the same cores.
+fn host_batch(
+    data: &Dataset,
+    labels: &[i64],
+    chunk: &[i64],
+    draws: &[Draw],
+    [c, h, w]: [usize; 3],
+    tables: &[[f32; 256]],
+) -> Batch {
+    let b = chunk.len();
+    let per_image = c * h * w;
+    let mut image = vec![0u8; per_image];
+    let mut out = vec![0f32; b * per_image];
+    for ((&i, dst), d) in chunk.iter().zip(out.chunks_exact_mut(per_image)).zip(draws) {
+        data.images.get(i).copy_data(&mut image, per_image);
+        augment_into(&image, dst, [c, h, w], d.dy, d.dx, d.flip, tables);
+    }
+    let inputs = Tensor::from_slice(&out).view([b as i64, c as i64, h as i64, w as i64]);
+    let targets: Vec<i64> = chunk.iter().map(|&i| labels[i as usize]).collect();
+    Batch {
+        inputs,
+        targets: Tensor::from_slice(&targets),
+    }
+}
+
+/// The dataset and lookup tables on an accelerator, for batches built there.
+struct DeviceData {
+    images: Tensor,
+    labels: Tensor,
+    tables: Tensor,
+    device: Device,
+}
+
+impl DeviceData {
+    fn new(data: &Dataset, tables: &[[f32; 256]], device: Device) -> DeviceData {
+        DeviceData {
+            images: data.images.to_device(device),
+            labels: data.labels.to_device(device),
+            tables: lookup_table_tensor(tables, device),
+            device,
+        }
+    }
+
+    fn batch(&self, chunk: &[i64], draws: &[Draw]) -> Batch {
+        let b = chunk.len() as i64;
+        // Indices and draws in one host-to-device copy.
+        let mut packed = chunk.to_vec();
+        packed.extend(draws.iter().map(|d| d.dy as i64));
+        packed.extend(draws.iter().map(|d| d.dx as i64));
+        packed.extend(draws.iter().map(|d| d.flip as i64));
+        let packed = Tensor::from_slice(&packed).to_device(self.device);
+        let column = |i: i64| packed.narrow(0, i * b, b);
+        let idx = column(0);
+        let inputs = augment_batch(
+            &self.images.index_select(0, &idx),
+            &column(1),
+            &column(2),
+            &column(3),
+            &self.tables,
+        );
+        let targets = self.labels.index_select(0, &idx);
+        debug_assert_eq!(targets.kind(), Kind::Int64);
+        Batch { inputs, targets }
     }
 }
 
@@ -333,6 +426,54 @@ mod tests {
         let all = normalize_batch(&ds.images, &opts(5, 0).normalize, Device::Cpu);
         assert!(cat_inputs(&plain).equal(&all.index_select(0, &idx)));
         assert!(!cat_inputs(&a).equal(&cat_inputs(&plain)));
+    }
+
+    #[test]
+    fn data_loader_device_batches_equal_host_batches() {
+        // The accelerator path, run on the CPU: the same draws must give the same bits.
+        let ds = toy(21);
+        let tables = opts(4, 0).normalize.lookup_tables(3);
+        let mut rng = Rng::derive(5, &[AUGMENT_STREAM]);
+        let chunk: Vec<i64> = vec![20, 3, 7, 7, 0, 11, 15, 2];
+        let draws: Vec<Draw> = chunk.iter().map(|_| Draw::new(&mut rng, true)).collect();
+        assert!(draws.iter().any(|d| d.flip) && draws.iter().any(|d| !d.flip));
+        assert!(draws.iter().any(|d| (d.dy, d.dx) != (PAD, PAD)));
+        let host = host_batch(&ds, &ds.label_vec(), &chunk, &draws, [3, 8, 8], &tables);
+        let device = DeviceData::new(&ds, &tables, Device::Cpu).batch(&chunk, &draws);
+        assert_eq!(Vec::<i64>::try_from(&host.targets).unwrap(), chunk);
+        assert!(device.targets.equal(&host.targets));
+        assert!(device.inputs.equal(&host.inputs));
+    }
+
+    #[test]
+    fn data_loader_on_cuda_gives_the_cpu_batches() {
+        if !tch::Cuda::is_available() {
+            eprintln!("skipped: no CUDA device");
+            return;
+        }
+        let ds = toy(37);
+        let cpu: Vec<Batch> = Loader::new(&ds, opts(5, 1)).collect();
+        let cuda: Vec<Batch> = Loader::new(
+            &ds,
+            LoaderOptions {
+                device: Device::Cuda(0),
+                ..opts(5, 1)
+            },
+        )
+        .collect();
+        assert_eq!(cuda[0].inputs.device(), Device::Cuda(0));
+        assert_eq!(cuda[0].targets.device(), Device::Cuda(0));
+        let to_cpu = |b: &[Batch]| -> Vec<Batch> {
+            b.iter()
+                .map(|b| Batch {
+                    inputs: b.inputs.to_device(Device::Cpu),
+                    targets: b.targets.to_device(Device::Cpu),
+                })
+                .collect()
+        };
+        let cuda = to_cpu(&cuda);
+        assert_eq!(cat_targets(&cuda), cat_targets(&cpu));
+        assert!(cat_inputs(&cuda).equal(&cat_inputs(&cpu)));
     }
 
     #[test]

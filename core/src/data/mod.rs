@@ -16,7 +16,7 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-pub use augment::{augment_into, normalize_batch, Normalize};
+pub use augment::{augment_batch, augment_into, lookup_table_tensor, normalize_batch, Normalize};
 pub use cifar::{read_cifar10, read_cifar100};
 pub use loader::{Batch, Loader, LoaderOptions};
 pub use subset::{cifar2, class_balanced_batch, stratified_subset};
@@ -111,6 +111,16 @@ impl Dataset {
         Dataset {
             images: self.images.index_select(0, &idx),
             labels: self.labels.index_select(0, &idx),
+            num_classes: self.num_classes,
+        }
+    }
+
+    /// The same samples on `device`, a copy unless they are already there. A [`Loader`] for a GPU
+    /// reads a dataset resident there instead of uploading the images every epoch.
+    pub fn to_device(&self, device: tch::Device) -> Dataset {
+        Dataset {
+            images: self.images.to_device(device),
+            labels: self.labels.to_device(device),
             num_classes: self.num_classes,
         }
     }

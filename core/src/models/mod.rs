@@ -17,6 +17,7 @@ use tch::nn::VarStore;
 use tch::{Device, Tensor};
 use trellis_sdk::LayerKind;
 
+pub use blocks::{autocast, autocast_kind};
 use blocks::{Builder, Linear, Var};
 
 /// The `[model]` table of a run config.
@@ -206,6 +207,7 @@ impl Network {
 
     /// Logits `[B, classes]` and the pooled features fed to the classifier `[B, feature_dim]`.
     /// `train` selects batch statistics (and updates the running ones) in BatchNorm layers.
+    /// Under [`autocast`] both come back in the weights' kind, so losses and metrics see f32.
     pub fn forward(&self, x: &Tensor, train: bool) -> (Tensor, Tensor) {
         let features = match &self.body {
             Body::ResNet(net) => net.features(x, train),
@@ -213,7 +215,12 @@ impl Network {
             Body::Mlp(net) => net.features(x),
             Body::LeNet5(net) => net.features(x),
         };
-        (self.head(&features), features)
+        let logits = self.head(&features);
+        if autocast_kind().is_some() {
+            let kind = self.head.kind();
+            return (logits.to_kind(kind), features.to_kind(kind));
+        }
+        (logits, features)
     }
 
     /// The classifier head alone, applied to given features.
@@ -560,6 +567,49 @@ mod tests {
         );
         let (eval3, _) = net.forward(&x, false);
         assert!(eval3.equal(&eval2), "eval is not deterministic");
+    }
+
+    #[test]
+    fn autocast_bf16_computes_in_bf16_and_returns_the_weights_kind() {
+        tch::manual_seed(4);
+        let x = batch();
+        for arch in [Arch::Resnet18, Arch::Mlp] {
+            let net = small(arch);
+            let (want, _) = net.forward(&x, true);
+            let (got, features) = autocast(Some(Kind::BFloat16), || net.forward(&x, true));
+            assert_eq!(autocast_kind(), None, "autocast left on");
+            assert_eq!((got.kind(), features.kind()), (Kind::Float, Kind::Float));
+            // bf16 keeps 8 bits of mantissa: close to the f32 result, but not equal to it.
+            let scale = want.abs().max().double_value(&[]);
+            let diff = (&got - &want).abs().max().double_value(&[]);
+            assert!(
+                diff > 0.0 && diff < 0.05 * scale,
+                "{arch}: {diff} vs {scale}"
+            );
+
+            // The casts are differentiable: gradients reach the f32 weights, as f32.
+            let (logits, _) = autocast(Some(Kind::BFloat16), || net.forward(&x, true));
+            logits.sum(Kind::Float).backward();
+            for (name, _, p) in net.parameters() {
+                let g = p.grad();
+                assert!(g.defined(), "{arch} {name} has no gradient");
+                assert_eq!(g.kind(), Kind::Float, "{arch} {name}");
+            }
+        }
+    }
+
+    #[test]
+    fn convolution_layout_changes_strides_only() {
+        tch::manual_seed(5);
+        let x = Tensor::randn([2, 3, 5, 4], (Kind::Float, Device::Cpu));
+        let nhwc = blocks::convolution_layout(&x);
+        assert_eq!(nhwc.size(), x.size());
+        assert_eq!(nhwc.stride(), [60, 1, 12, 3], "not channels-last");
+        assert!(nhwc.equal(&x));
+        // Convolutions agree up to the order of their sums.
+        let w = Tensor::randn([6, 3, 3, 3], (Kind::Float, Device::Cpu));
+        let conv = |x: &Tensor| x.conv2d(&w, None::<&Tensor>, [1, 1], [1, 1], [1, 1], 1);
+        assert!(conv(&nhwc).allclose(&conv(&x), 1e-5, 1e-5, false));
     }
 
     #[test]

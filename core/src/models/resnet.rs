@@ -4,7 +4,7 @@
 use anyhow::Result;
 use tch::Tensor;
 
-use super::blocks::{BatchNorm2d, Builder, Conv2d, ConvInit, ConvSpec};
+use super::blocks::{convolution_layout, BatchNorm2d, Builder, Conv2d, ConvInit, ConvSpec};
 use super::scaled;
 
 fn conv(c_in: i64, c_out: i64, kernel: i64, stride: i64) -> ConvSpec {
@@ -95,7 +95,8 @@ impl ResNet {
     }
 
     pub fn features(&self, x: &Tensor, train: bool) -> Tensor {
-        let mut out = self.bn1.forward_t(&self.conv1.forward(x), train).relu();
+        let x = convolution_layout(x);
+        let mut out = self.bn1.forward_t(&self.conv1.forward(&x), train).relu();
         for block in &self.blocks {
             out = block.forward_t(&out, train);
         }

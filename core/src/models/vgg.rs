@@ -4,7 +4,7 @@
 use anyhow::{ensure, Result};
 use tch::Tensor;
 
-use super::blocks::{BatchNorm2d, Builder, Conv2d, ConvInit, ConvSpec};
+use super::blocks::{convolution_layout, BatchNorm2d, Builder, Conv2d, ConvInit, ConvSpec};
 use super::scaled;
 
 /// Channel counts, with `None` for a 2×2 max-pool.
@@ -90,7 +90,7 @@ impl Vgg {
     }
 
     pub fn features(&self, x: &Tensor, train: bool) -> Tensor {
-        let mut out = x.shallow_clone();
+        let mut out = convolution_layout(x);
         for stage in &self.features {
             out = match stage {
                 Stage::ConvBnRelu(conv, bn) => bn.forward_t(&conv.forward(&out), train).relu(),

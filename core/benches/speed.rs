@@ -1,0 +1,1264 @@
+//! Trellis against PyTorch eager on the same libtorch: `cargo bench -p trellis --bench speed`.
+//!
+//! Every case runs on both sides in this one session, alternating (Trellis then PyTorch, then the
+//! other way round, rep after rep), so machine noise lands on both. The PyTorch side is
+//! `core/benches/pytorch_reference.py`, started once and driven over stdin/stdout. Both sides get
+//! the same model (kuangliu's CIFAR ResNet18, loaded from the same initial weights), batch, dtype
+//! and thread counts, and the training cases first check that the two compute the same logits and
+//! the same SGD step.
+//!
+//! Flags (after `--`): `--quick` (a smoke run: fewer, smaller repetitions), `--threads N` (default:
+//! every core), `--cases a,b` (of train, optimizer, eval, data, dispatch, memory), `--python PATH`
+//! (default: the `.torch-python` link that scripts/setup.sh makes), `--python-env KEY=VALUE`
+//! (environment for the PyTorch side only), `--pytorch-channels-last` (the PyTorch side in the
+//! memory format Trellis's convolutions use on the CPU).
+//!
+//! The printed table gives medians and the ratio Trellis/PyTorch of times (lower is faster), or
+//! of peak memory. docs/PERFORMANCE.md explains each case.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::rc::Rc;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use serde_json::{json, Value};
+use tch::{Device, Kind, Tensor};
+use trellis::data::{Dataset, Loader, LoaderOptions, Normalize, CIFAR10_MEAN, CIFAR10_STD};
+use trellis::models::{Arch, ModelConfig, Network};
+use trellis::plugin_host::Registry;
+use trellis::services::{RunHost, RunState, SharedModel};
+use trellis_sdk::{
+    Batch, Component, EpochInfo, Host, Metric, Optimizer, Outputs, ParamGroup, Role,
+};
+
+const BATCH: usize = 128;
+const EVAL_BATCH: usize = 500;
+const LR: f64 = 0.1;
+const MOMENTUM: f64 = 0.9;
+const WEIGHT_DECAY: f64 = 5e-4;
+/// "Width 16": ResNet18's stem at 16 channels instead of 64.
+const WIDTH_16: f64 = 0.25;
+
+// -------------------------------------------------------------------------------------------
+// Command line
+
+struct Args {
+    quick: bool,
+    threads: usize,
+    cases: Vec<String>,
+    python: Option<PathBuf>,
+    /// `--python-env KEY=VALUE`: environment for the PyTorch side only, e.g. to give it the
+    /// allocator behaviour Trellis has built in.
+    python_env: Vec<(String, String)>,
+    /// `--pytorch-channels-last`: the PyTorch side in `torch.channels_last` too, the memory
+    /// format Trellis's convolutions use on the CPU.
+    pytorch_channels_last: bool,
+    /// Internal: `--memory-child WIDTH STEPS`, one training session in a process of its own.
+    memory_child: Option<(f64, usize)>,
+}
+
+const CASES: [&str; 6] = ["train", "optimizer", "eval", "data", "dispatch", "memory"];
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args {
+        quick: false,
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cases: CASES.iter().map(|c| c.to_string()).collect(),
+        python: None,
+        python_env: Vec::new(),
+        pytorch_channels_last: false,
+        memory_child: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| it.next().ok_or_else(|| anyhow!("{name} needs a value"));
+        match arg.as_str() {
+            "--quick" => args.quick = true,
+            "--pytorch-channels-last" => args.pytorch_channels_last = true,
+            "--threads" => args.threads = value("--threads")?.parse()?,
+            "--python" => args.python = Some(value("--python")?.into()),
+            "--python-env" => {
+                let pair = value("--python-env")?;
+                let (key, val) = pair
+                    .split_once('=')
+                    .ok_or_else(|| anyhow!("--python-env takes KEY=VALUE, got `{pair}`"))?;
+                args.python_env.push((key.to_string(), val.to_string()));
+            }
+            "--cases" => {
+                args.cases = value("--cases")?.split(',').map(str::to_string).collect();
+                if let Some(bad) = args.cases.iter().find(|c| !CASES.contains(&c.as_str())) {
+                    bail!("unknown case `{bad}`; the cases are {}", CASES.join(", "));
+                }
+            }
+            "--memory-child" => {
+                let width = value("--memory-child")?.parse()?;
+                let steps = value("--memory-child")?.parse()?;
+                args.memory_child = Some((width, steps));
+            }
+            // cargo bench passes --bench to every bench target.
+            "--bench" => {}
+            other => bail!(
+                "unknown argument `{other}`\n  usage: cargo bench -p trellis --bench speed -- \
+                 [--quick] [--threads N] [--cases {}] [--python PATH] [--python-env KEY=VALUE] \
+                 [--pytorch-channels-last]",
+                CASES.join(",")
+            ),
+        }
+    }
+    ensure!(args.threads >= 1, "--threads must be at least 1");
+    Ok(args)
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("core/ has a parent")
+        .to_path_buf()
+}
+
+/// target/release: this binary is target/release/deps/speed-<hash>.
+fn profile_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    Ok(exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| anyhow!("unexpected bench location {}", exe.display()))?
+        .to_path_buf())
+}
+
+// -------------------------------------------------------------------------------------------
+// The PyTorch side
+
+struct PyTorch {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    version: String,
+}
+
+/// The interpreter of the torch venv. `.torch-python` is a link to `<venv>/bin/python`; Python
+/// finds its venv (and torch) only when started by that path, not through a link elsewhere.
+fn python_path(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    let link = workspace_root().join(".torch-python");
+    let target = std::fs::read_link(&link).with_context(|| {
+        format!(
+            "{} is missing\n  help: run scripts/setup.sh, which installs torch and makes the link, \
+             or pass --python <venv>/bin/python",
+            link.display()
+        )
+    })?;
+    Ok(if target.is_absolute() {
+        target
+    } else {
+        workspace_root().join(target)
+    })
+}
+
+fn reference_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/pytorch_reference.py")
+}
+
+/// The reference script with the session's threads and PyTorch-side options.
+fn python_command(args: &Args) -> Result<Command> {
+    let mut command = Command::new(python_path(args.python.as_deref())?);
+    command
+        .envs(args.python_env.iter().map(|(k, v)| (k, v)))
+        .arg(reference_script())
+        .args([
+            "--threads",
+            &args.threads.to_string(),
+            "--interop-threads",
+            "1",
+        ]);
+    if args.pytorch_channels_last {
+        command.arg("--channels-last");
+    }
+    Ok(command)
+}
+
+impl PyTorch {
+    fn start(args: &Args) -> Result<PyTorch> {
+        let mut child = python_command(args)?
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("cannot start the PyTorch side")?;
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = BufReader::new(child.stdout.take().expect("piped"));
+        let mut py = PyTorch {
+            child,
+            stdin,
+            stdout,
+            version: String::new(),
+        };
+        let hello = py.read()?;
+        py.version = hello["torch"].as_str().unwrap_or("?").to_string();
+        ensure!(
+            hello["threads"].as_u64() == Some(args.threads as u64),
+            "PyTorch runs {} threads, not {}",
+            hello["threads"],
+            args.threads
+        );
+        Ok(py)
+    }
+
+    fn read(&mut self) -> Result<Value> {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        ensure!(
+            !line.is_empty(),
+            "the PyTorch script exited (see its error above)"
+        );
+        let reply: Value = serde_json::from_str(&line)
+            .with_context(|| format!("unexpected line from the PyTorch script: {line}"))?;
+        if reply["ok"] != Value::Bool(true) {
+            bail!("the PyTorch script failed: {}", reply["error"]);
+        }
+        Ok(reply)
+    }
+
+    fn call(&mut self, cmd: &str, mut args: Value) -> Result<Value> {
+        args["cmd"] = json!(cmd);
+        writeln!(self.stdin, "{args}")?;
+        self.stdin.flush()?;
+        self.read()
+            .with_context(|| format!("PyTorch side, `{cmd}`"))
+    }
+
+    fn seconds(&mut self, cmd: &str, args: Value) -> Result<Vec<f64>> {
+        let reply = self.call(cmd, args)?;
+        seconds_of(&reply, cmd)
+    }
+}
+
+fn seconds_of(reply: &Value, cmd: &str) -> Result<Vec<f64>> {
+    reply["seconds"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_f64).collect())
+        .ok_or_else(|| anyhow!("`{cmd}` returned no seconds"))
+}
+
+/// CPU time and minor page faults of a process: where a step's time goes besides the kernels.
+/// Page faults are the kernel handing out (and zeroing) fresh memory.
+#[derive(Default)]
+struct ProcessTimes {
+    user: f64,
+    system: f64,
+    minor_faults: f64,
+}
+
+impl ProcessTimes {
+    /// This process's totals so far, from /proc/self/stat.
+    fn now() -> Result<ProcessTimes> {
+        let stat = std::fs::read_to_string("/proc/self/stat")?;
+        // Fields after the parenthesised command name, which may itself contain spaces.
+        let rest = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r)
+            .ok_or_else(|| anyhow!("cannot parse /proc/self/stat"))?;
+        let fields: Vec<f64> = rest
+            .split_whitespace()
+            .map(|f| f.parse().unwrap_or(f64::NAN))
+            .collect();
+        // Field numbers of proc(5), counted from 1 with the pid, so field k is fields[k - 3].
+        // Times are in clock ticks, 100 per second on Linux.
+        let ticks = 100.0;
+        Ok(ProcessTimes {
+            minor_faults: fields[10 - 3],
+            user: fields[14 - 3] / ticks,
+            system: fields[15 - 3] / ticks,
+        })
+    }
+
+    fn from_reply(reply: &Value) -> ProcessTimes {
+        let get = |k: &str| reply[k].as_f64().unwrap_or(f64::NAN);
+        ProcessTimes {
+            user: get("user_seconds"),
+            system: get("system_seconds"),
+            minor_faults: get("minor_faults"),
+        }
+    }
+
+    fn since(&self, before: &ProcessTimes) -> ProcessTimes {
+        ProcessTimes {
+            user: self.user - before.user,
+            system: self.system - before.system,
+            minor_faults: self.minor_faults - before.minor_faults,
+        }
+    }
+
+    fn add(&mut self, other: &ProcessTimes) {
+        self.user += other.user;
+        self.system += other.system;
+        self.minor_faults += other.minor_faults;
+    }
+}
+
+impl Drop for PyTorch {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "{}", json!({"cmd": "quit"}));
+        let _ = self.stdin.flush();
+        let _ = self.child.wait();
+    }
+}
+
+// -------------------------------------------------------------------------------------------
+// The Trellis side
+
+fn normalize() -> Normalize {
+    Normalize {
+        mean: CIFAR10_MEAN.to_vec(),
+        std: CIFAR10_STD.to_vec(),
+    }
+}
+
+/// Random CIFAR-shaped u8 images; timing does not depend on their content.
+fn random_dataset(n: usize, seed: i64) -> Result<Dataset> {
+    tch::manual_seed(seed);
+    let images = Tensor::randint(256, [n as i64, 3, 32, 32], (Kind::Uint8, Device::Cpu));
+    let labels = Tensor::arange(n as i64, (Kind::Int64, Device::Cpu)).remainder(10);
+    Dataset::new(images, labels, 10)
+}
+
+fn resnet18(width: f64, seed: i64) -> Result<Network> {
+    tch::manual_seed(seed);
+    let cfg = ModelConfig {
+        width,
+        ..ModelConfig::new(Arch::Resnet18)
+    };
+    Network::build(&cfg, 10, 3, 32, Device::Cpu)
+}
+
+fn host(model: &Rc<SharedModel>, data: &Rc<Dataset>) -> RunHost {
+    RunHost(RunState::new(
+        model.clone(),
+        10,
+        Device::Cpu,
+        0,
+        data.clone(),
+        BATCH,
+        true,
+        normalize(),
+        None,
+        std::env::temp_dir(),
+    ))
+}
+
+fn param_group(net: &Network) -> ParamGroup {
+    ParamGroup {
+        name: "all".into(),
+        params: net
+            .parameters()
+            .into_iter()
+            .map(|(name, _, t)| (name, t))
+            .collect(),
+        lr: LR,
+        weight_decay: WEIGHT_DECAY,
+    }
+}
+
+/// The optimizer and metric plugins, built in this profile and loaded as `trellis run` loads them.
+struct Plugins {
+    registry: Registry,
+    _dir: tempfile::TempDir,
+}
+
+impl Plugins {
+    fn load() -> Result<Plugins> {
+        let profile = profile_dir()?;
+        let mut build = Command::new(env!("CARGO"));
+        build
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "trellis-optim",
+                "-p",
+                "trellis-metrics",
+            ])
+            .current_dir(workspace_root());
+        if profile.ends_with("release") {
+            build.arg("--release");
+        }
+        let status = build
+            .status()
+            .context("cannot run cargo to build the plugins")?;
+        ensure!(status.success(), "building the plugins failed");
+        let dir = tempfile::tempdir()?;
+        let mut manifest = String::new();
+        for package in ["trellis-optim", "trellis-metrics"] {
+            let file = profile.join(format!("lib{}.so", package.replace('-', "_")));
+            manifest.push_str(&format!(
+                "[[plugin]]\nname = \"{package}\"\npath = \"{}\"\n\n",
+                file.display()
+            ));
+        }
+        let path = dir.path().join("plugins.toml");
+        std::fs::write(&path, manifest)?;
+        Ok(Plugins {
+            registry: Registry::load(&path)?,
+            _dir: dir,
+        })
+    }
+
+    fn sgd(&self, host: &RunHost) -> Result<Box<dyn Optimizer>> {
+        let text = format!("momentum = {MOMENTUM}\n");
+        self.registry
+            .create(Role::Optimizer, "sgd", &text, Host::new(host.clone()))?
+            .into_optimizer()
+            .ok_or_else(|| anyhow!("sgd is not an optimizer"))
+    }
+
+    fn metrics(&self, host: &RunHost) -> Result<Vec<Box<dyn Metric>>> {
+        ["accuracy", "loss"]
+            .iter()
+            .map(|name| {
+                self.registry
+                    .create(Role::Metric, name, "", Host::new(host.clone()))?
+                    .into_metric()
+                    .ok_or_else(|| anyhow!("{name} is not a metric"))
+            })
+            .collect()
+    }
+}
+
+fn static_sgd(host: &RunHost) -> Result<Box<dyn Optimizer>> {
+    let config = trellis_optim::SgdConfig {
+        momentum: MOMENTUM,
+        ..Default::default()
+    };
+    Ok(Box::new(
+        trellis_optim::Sgd::new(config, Host::new(host.clone())).map_err(sdk)?,
+    ))
+}
+
+fn static_metrics(host: &RunHost) -> Result<Vec<Box<dyn Metric>>> {
+    let accuracy = trellis_metrics::Accuracy::new(Default::default(), Host::new(host.clone()));
+    let loss = trellis_metrics::MeanLoss::new(Default::default(), Host::new(host.clone()));
+    Ok(vec![
+        Box::new(accuracy.map_err(sdk)?),
+        Box::new(loss.map_err(sdk)?),
+    ])
+}
+
+fn sdk(e: trellis_sdk::Error) -> anyhow::Error {
+    anyhow!(e.message)
+}
+
+/// A model, its optimizer and a training batch stream: the state of `trellis run`'s loop.
+struct Run {
+    model: Rc<SharedModel>,
+    params: Vec<Tensor>,
+    optimizer: Box<dyn Optimizer>,
+    loader: Loader,
+    loss_sum: Tensor,
+}
+
+impl Run {
+    fn new(net: Network, data: &Rc<Dataset>, optimizer: OptimizerSource) -> Result<Run> {
+        let group = param_group(&net);
+        let params = group
+            .params
+            .iter()
+            .map(|(_, t)| t.shallow_clone())
+            .collect();
+        let model = SharedModel::new(net);
+        let host = host(&model, data);
+        let mut optimizer = match optimizer {
+            OptimizerSource::Plugin(plugins) => plugins.sgd(&host)?,
+            OptimizerSource::Static => static_sgd(&host)?,
+        };
+        optimizer.set_param_groups(vec![group]).map_err(sdk)?;
+        model.set_training(true);
+        Ok(Run {
+            model,
+            params,
+            optimizer,
+            loader: train_loader(data, 0),
+            loss_sum: Tensor::zeros([], (Kind::Double, Device::Cpu)),
+        })
+    }
+
+    /// One step as `Trainer::train_epoch` takes it (without distillers and pruning masks, which
+    /// a plain run does not have): forward, cross-entropy, zeroed gradients, backward, the
+    /// optimizer, and the loss accumulated without reading it.
+    fn step(&mut self, batch: &Batch) -> Result<()> {
+        let (logits, _) = self.model.forward(&batch.inputs);
+        let loss = logits.cross_entropy_for_logits(&batch.targets);
+        for p in &mut self.params {
+            p.zero_grad();
+        }
+        loss.backward();
+        self.optimizer.step().map_err(sdk)?;
+        let n = batch.targets.size()[0];
+        self.loss_sum += loss.detach().to_kind(Kind::Double) * n as f64;
+        Ok(())
+    }
+
+    /// Steps on the loader's batches; the time of each includes waiting for its batch.
+    fn timed_steps(&mut self, steps: usize) -> Result<Vec<f64>> {
+        let mut times = Vec::with_capacity(steps);
+        for _ in 0..steps {
+            let started = Instant::now();
+            let batch = self
+                .loader
+                .next()
+                .ok_or_else(|| anyhow!("the training set is too small for the steps asked"))?;
+            let batch = Batch {
+                inputs: batch.inputs,
+                targets: batch.targets,
+            };
+            self.step(&batch)?;
+            times.push(started.elapsed().as_secs_f64());
+        }
+        Ok(times)
+    }
+}
+
+enum OptimizerSource<'a> {
+    Plugin(&'a Plugins),
+    Static,
+}
+
+fn train_loader(data: &Dataset, epoch: usize) -> Loader {
+    Loader::new(
+        data,
+        LoaderOptions {
+            batch_size: BATCH,
+            shuffle: true,
+            augment: true,
+            drop_last: true,
+            seed: 0,
+            epoch,
+            device: Device::Cpu,
+            normalize: normalize(),
+        },
+    )
+}
+
+fn eval_loader(data: &Dataset) -> Loader {
+    Loader::new(
+        data,
+        LoaderOptions {
+            batch_size: EVAL_BATCH,
+            shuffle: false,
+            augment: false,
+            drop_last: false,
+            seed: 0,
+            epoch: 0,
+            device: Device::Cpu,
+            normalize: normalize(),
+        },
+    )
+}
+
+// -------------------------------------------------------------------------------------------
+// Results
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+struct Row {
+    case: String,
+    unit: &'static str,
+    trellis: f64,
+    pytorch: f64,
+    samples: (usize, usize),
+    /// (min, max) of each side, for the log.
+    ranges: [(f64, f64); 2],
+}
+
+impl Row {
+    fn new(case: &str, unit: &'static str, trellis: &[f64], pytorch: &[f64], scale: f64) -> Row {
+        let range = |xs: &[f64]| {
+            let lo = xs.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            (lo * scale, hi * scale)
+        };
+        Row {
+            case: case.to_string(),
+            unit,
+            trellis: median(trellis) * scale,
+            pytorch: median(pytorch) * scale,
+            samples: (trellis.len(), pytorch.len()),
+            ranges: [range(trellis), range(pytorch)],
+        }
+    }
+}
+
+struct Report {
+    rows: Vec<Row>,
+    /// Trellis against itself: plugins (first column) against static linking (second).
+    dispatch: Option<Row>,
+    notes: Vec<String>,
+}
+
+impl Report {
+    fn add(&mut self, row: Row) {
+        let [(t_lo, t_hi), (p_lo, p_hi)] = row.ranges;
+        eprintln!(
+            "  {}: Trellis {:.4} {u} ({t_lo:.4}–{t_hi:.4}), PyTorch {:.4} {u} ({p_lo:.4}–{p_hi:.4}), \
+             ratio {:.3}",
+            row.case,
+            row.trellis,
+            row.pytorch,
+            row.trellis / row.pytorch,
+            u = row.unit
+        );
+        self.rows.push(row);
+    }
+
+    fn note(&mut self, note: String) {
+        eprintln!("  {note}");
+        self.notes.push(note);
+    }
+
+    fn print(&self) {
+        let width = self
+            .rows
+            .iter()
+            .chain(&self.dispatch)
+            .map(|r| r.case.chars().count())
+            .max()
+            .unwrap_or(4);
+        println!();
+        println!(
+            "| {:width$} | {:>14} | {:>14} | {:>15} | {:>7} |",
+            "case", "Trellis", "PyTorch", "Trellis/PyTorch", "samples"
+        );
+        println!(
+            "|{}|{}|{}|{}|{}|",
+            "-".repeat(width + 2),
+            "-".repeat(16),
+            "-".repeat(16),
+            "-".repeat(17),
+            "-".repeat(9)
+        );
+        for r in &self.rows {
+            println!(
+                "| {:width$} | {:>14} | {:>14} | {:>15.3} | {:>7} |",
+                r.case,
+                format!("{:.4} {}", r.trellis, r.unit),
+                format!("{:.4} {}", r.pytorch, r.unit),
+                r.trellis / r.pytorch,
+                format!("{}/{}", r.samples.0, r.samples.1),
+            );
+        }
+        if let Some(r) = &self.dispatch {
+            println!();
+            println!(
+                "| {:width$} | {:>14} | {:>14} | {:>15} | {:>7} |",
+                "case", "plugins", "static", "plugins/static", "samples"
+            );
+            println!(
+                "|{}|{}|{}|{}|{}|",
+                "-".repeat(width + 2),
+                "-".repeat(16),
+                "-".repeat(16),
+                "-".repeat(17),
+                "-".repeat(9)
+            );
+            println!(
+                "| {:width$} | {:>14} | {:>14} | {:>15.3} | {:>7} |",
+                r.case,
+                format!("{:.4} {}", r.trellis, r.unit),
+                format!("{:.4} {}", r.pytorch, r.unit),
+                r.trellis / r.pytorch,
+                format!("{}/{}", r.samples.0, r.samples.1),
+            );
+        }
+        println!();
+        for n in &self.notes {
+            println!("- {n}");
+        }
+    }
+}
+
+/// Runs `trellis` and `pytorch` alternately `reps` times, Trellis first on even reps.
+fn alternate(
+    reps: usize,
+    mut trellis: impl FnMut() -> Result<Vec<f64>>,
+    mut pytorch: impl FnMut() -> Result<Vec<f64>>,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let (mut t, mut p) = (Vec::new(), Vec::new());
+    for rep in 0..reps {
+        if rep % 2 == 0 {
+            t.extend(trellis()?);
+            p.extend(pytorch()?);
+        } else {
+            p.extend(pytorch()?);
+            t.extend(trellis()?);
+        }
+    }
+    Ok((t, p))
+}
+
+// -------------------------------------------------------------------------------------------
+// Cases
+
+struct Bench {
+    args: Args,
+    py: PyTorch,
+    plugins: Plugins,
+    dir: tempfile::TempDir,
+    report: Report,
+}
+
+/// The largest absolute difference between two tensors, relative to the larger magnitude.
+fn relative_difference(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_kind(Kind::Double);
+    let b = b.to_kind(Kind::Double);
+    let diff = (&a - &b).abs().max().double_value(&[]);
+    let scale = a.abs().max().double_value(&[]).max(1e-12);
+    diff / scale
+}
+
+impl Bench {
+    fn sizes(&self, quick: usize, full: usize) -> usize {
+        if self.args.quick {
+            quick
+        } else {
+            full
+        }
+    }
+
+    /// Saves `net`'s weights and has the PyTorch side build the same ResNet18 from them.
+    fn load_pytorch_model(&mut self, net: &Network, width: f64) -> Result<()> {
+        let weights = self.dir.path().join("weights.safetensors");
+        net.save(&weights)?;
+        self.py.call(
+            "load_model",
+            json!({
+                "width": width,
+                "weights": weights,
+                "lr": LR,
+                "momentum": MOMENTUM,
+                "weight_decay": WEIGHT_DECAY,
+                "batch_size": BATCH,
+            }),
+        )?;
+        Ok(())
+    }
+
+    /// Both sides: the logits of one training-mode forward, then one SGD step from the same
+    /// weights on the same batch. PyTorch runs it in channels-last, the memory format of
+    /// Trellis's convolutions on the CPU, so that both run the same kernels and the comparison
+    /// checks the model and the update rule rather than two kernels' rounding: a weight decay
+    /// left out would change the step by ~1 %, where kernels that sum in another order change
+    /// BatchNorm parameters' gradients (sums over the batch that nearly cancel) by as much.
+    /// The step is compared as a whole: |Δw_Trellis − Δw_PyTorch| / |Δw_PyTorch| over all
+    /// parameters.
+    fn check_agreement(&mut self, run: &mut Run, label: &str) -> Result<()> {
+        tch::manual_seed(3);
+        let inputs = Tensor::randn([BATCH as i64, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let targets = Tensor::randint(10, [BATCH as i64], (Kind::Int64, Device::Cpu));
+        let batch_file = self.dir.path().join("batch.safetensors");
+        Tensor::write_safetensors(&[("inputs", &inputs), ("targets", &targets)], &batch_file)?;
+        let out = self.dir.path().join("pytorch_step.safetensors");
+        self.py.call(
+            "check_train",
+            json!({"inputs": batch_file, "out": out, "channels_last": true}),
+        )?;
+        let theirs: HashMap<String, Tensor> = Tensor::read_safetensors(&out)?.into_iter().collect();
+        let initial: HashMap<String, Tensor> = run
+            .model
+            .net()
+            .state_dict()
+            .into_iter()
+            .map(|(name, t)| (name, t.detach().copy()))
+            .collect();
+
+        let (logits, _) = run.model.forward(&inputs);
+        let loss = logits.cross_entropy_for_logits(&targets);
+        for p in &mut run.params {
+            p.zero_grad();
+        }
+        loss.backward();
+        run.optimizer.step().map_err(sdk)?;
+
+        let logits_diff = relative_difference(&logits, &theirs["logits"]);
+        let loss_diff = relative_difference(&loss.reshape([1]), &theirs["loss"]);
+        let net = run.model.net();
+        let (mut step_error, mut step_norm) = (0.0, 0.0);
+        for (name, _, ours) in net.parameters() {
+            let other = theirs
+                .get(&name)
+                .ok_or_else(|| anyhow!("the PyTorch model has no `{name}`"))?;
+            let ours = (&ours.detach() - &initial[&name]).to_kind(Kind::Double);
+            let other = (other - &initial[&name]).to_kind(Kind::Double);
+            step_error += (&ours - &other)
+                .square()
+                .sum(Kind::Double)
+                .double_value(&[]);
+            step_norm += other.square().sum(Kind::Double).double_value(&[]);
+        }
+        let step_diff = (step_error / step_norm.max(1e-30)).sqrt();
+        let mut stats_diff: f64 = 0.0;
+        for (name, ours) in net.buffers() {
+            let other = theirs
+                .get(&name)
+                .ok_or_else(|| anyhow!("the PyTorch model has no `{name}`"))?;
+            stats_diff = stats_diff.max(relative_difference(&ours, other));
+        }
+        let tolerance = 1e-4;
+        ensure!(
+            logits_diff < tolerance
+                && loss_diff < tolerance
+                && step_diff < tolerance
+                && stats_diff < tolerance,
+            "{label}: Trellis and PyTorch disagree (relative differences): logits \
+             {logits_diff:.2e}, loss {loss_diff:.2e}, SGD step {step_diff:.2e}, running \
+             statistics {stats_diff:.2e}"
+        );
+        self.report.note(format!(
+            "{label}: outputs agree before timing (relative differences): logits \
+             {logits_diff:.1e}, loss {loss_diff:.1e}, one SGD step {step_diff:.1e}, BatchNorm \
+             running statistics {stats_diff:.1e}"
+        ));
+        Ok(())
+    }
+
+    fn train(
+        &mut self,
+        label: &str,
+        width: f64,
+        warmup: usize,
+        reps: usize,
+        per_rep: usize,
+    ) -> Result<()> {
+        eprintln!(
+            "{label}: ResNet18 width {width}, batch {BATCH}, {reps}×{per_rep} steps per side"
+        );
+        let steps = warmup + reps * per_rep;
+        let data = Rc::new(random_dataset(steps * BATCH, 1)?);
+        let net = resnet18(width, 0)?;
+        self.load_pytorch_model(&net, width)?;
+        let mut run = Run::new(net, &data, OptimizerSource::Plugin(&self.plugins))?;
+        self.check_agreement(&mut run, label)?;
+
+        run.timed_steps(warmup)?;
+        self.py.call("time_train", json!({"steps": warmup}))?;
+        let waits_before = run.loader.waits();
+        let py = &mut self.py;
+        let (mut ours, mut theirs) = (ProcessTimes::default(), ProcessTimes::default());
+        let (t, p) = alternate(
+            reps,
+            || {
+                let before = ProcessTimes::now()?;
+                let times = run.timed_steps(per_rep)?;
+                ours.add(&ProcessTimes::now()?.since(&before));
+                Ok(times)
+            },
+            || {
+                let reply = py.call("time_train", json!({"steps": per_rep}))?;
+                theirs.add(&ProcessTimes::from_reply(&reply));
+                seconds_of(&reply, "time_train")
+            },
+        )?;
+        let waits = run.loader.waits() - waits_before;
+        let steps = t.len() as f64;
+        self.report.note(format!(
+            "{label}, per step: Trellis {:.3} s user + {:.3} s system CPU, {:.0} minor page \
+             faults; PyTorch {:.3} s user + {:.3} s system, {:.0} faults",
+            ours.user / steps,
+            ours.system / steps,
+            ours.minor_faults / steps,
+            theirs.user / p.len() as f64,
+            theirs.system / p.len() as f64,
+            theirs.minor_faults / p.len() as f64,
+        ));
+        let _ = run.loss_sum.double_value(&[]);
+        self.report
+            .add(Row::new(&format!("{label} (s/step)"), "s", &t, &p, 1.0));
+        self.report.note(format!(
+            "{label}: {waits} of {} timed steps waited for their batch ({:.1} %)",
+            t.len(),
+            100.0 * waits as f64 / t.len() as f64
+        ));
+        Ok(())
+    }
+
+    fn optimizer(&mut self) -> Result<()> {
+        let (reps, per_rep) = (self.sizes(1, 5), self.sizes(3, 10));
+        eprintln!(
+            "optimizer: SGD step over full-width ResNet18's parameters, {reps}×{per_rep} per side"
+        );
+        let data = Rc::new(random_dataset(2 * BATCH, 1)?);
+        let net = resnet18(1.0, 0)?;
+        self.load_pytorch_model(&net, 1.0)?;
+        let mut run = Run::new(net, &data, OptimizerSource::Plugin(&self.plugins))?;
+        // Gradients everywhere and momentum buffers in place, as in any step after the first.
+        run.timed_steps(1)?;
+        let batch = run.loader.next().ok_or_else(|| anyhow!("no batch"))?;
+        let (logits, _) = run.model.forward(&batch.inputs);
+        logits.cross_entropy_for_logits(&batch.targets).backward();
+        self.py.call("prepare_optimizer", json!({}))?;
+        let optimizer = &mut run.optimizer;
+        let py = &mut self.py;
+        let (t, p) = alternate(
+            reps,
+            || {
+                (0..per_rep)
+                    .map(|_| {
+                        let started = Instant::now();
+                        optimizer.step().map_err(sdk)?;
+                        Ok(started.elapsed().as_secs_f64())
+                    })
+                    .collect()
+            },
+            || py.seconds("time_optimizer", json!({"steps": per_rep})),
+        )?;
+        self.report.add(Row::new(
+            "optimizer step, full width, foreach=True (ms)",
+            "ms",
+            &t,
+            &p,
+            1e3,
+        ));
+        Ok(())
+    }
+
+    fn eval(&mut self) -> Result<()> {
+        let (images, reps) = (self.sizes(1000, 10_000), self.sizes(1, 3));
+        eprintln!(
+            "eval: {images} images, batch {EVAL_BATCH}, width 16, no grad, {reps} passes per side"
+        );
+        let data = random_dataset(images, 2)?;
+        let net = resnet18(WIDTH_16, 0)?;
+        self.load_pytorch_model(&net, WIDTH_16)?;
+        let model = SharedModel::new(net);
+        model.set_training(false);
+        let py = &mut self.py;
+        let (t, p) = alternate(
+            reps,
+            || {
+                // As `Trainer::evaluate`: batches from the loader, forward under no_grad.
+                let started = Instant::now();
+                let _no_grad = tch::no_grad_guard();
+                let mut hits = Tensor::zeros([], (Kind::Int64, Device::Cpu));
+                for batch in eval_loader(&data) {
+                    let (logits, _) = model.forward(&batch.inputs);
+                    hits += logits.argmax(1, false).eq(0).sum(Kind::Int64);
+                }
+                let _ = hits.int64_value(&[]);
+                Ok(vec![started.elapsed().as_secs_f64()])
+            },
+            || {
+                py.seconds(
+                    "time_eval",
+                    json!({"images": images, "batch_size": EVAL_BATCH}),
+                )
+            },
+        )?;
+        let per_image = |s: &[f64]| s.iter().map(|x| x / images as f64).collect::<Vec<_>>();
+        self.report.add(Row::new(
+            &format!("eval, width 16, {images} images (ms/image)"),
+            "ms",
+            &per_image(&t),
+            &per_image(&p),
+            1e3,
+        ));
+        self.report.note(format!(
+            "eval throughput: Trellis {:.0} images/s, PyTorch {:.0} images/s",
+            images as f64 / median(&t),
+            images as f64 / median(&p)
+        ));
+        Ok(())
+    }
+
+    fn data(&mut self) -> Result<()> {
+        let (images, batches, reps) = (10_000, self.sizes(10, 78), self.sizes(1, 3));
+        eprintln!(
+            "data: {batches} augmented batches of {BATCH} on one thread, {reps} passes per side"
+        );
+        let data = random_dataset(images, 4)?;
+        // One thread on both sides: the loader's worker is one thread, and PyTorch's side sets
+        // torch.set_num_threads(1) for this case.
+        tch::set_num_threads(1);
+        let py = &mut self.py;
+        let result = alternate(
+            reps,
+            || {
+                let started = Instant::now();
+                let mut loader = train_loader(&data, 0);
+                let mut checksum = 0.0;
+                for _ in 0..batches {
+                    let batch = loader.next().ok_or_else(|| anyhow!("no batch"))?;
+                    checksum += batch.inputs.double_value(&[0, 0, 0, 0]);
+                }
+                std::hint::black_box(checksum);
+                Ok(vec![started.elapsed().as_secs_f64() / batches as f64])
+            },
+            || {
+                py.seconds(
+                    "time_augment",
+                    json!({"images": images, "batch_size": BATCH, "batches": batches}),
+                )
+            },
+        );
+        tch::set_num_threads(self.args.threads as i32);
+        let (t, p) = result?;
+        self.report.add(Row::new(
+            "augmented batch of 128, one thread (ms)",
+            "ms",
+            &t,
+            &p,
+            1e3,
+        ));
+        self.report.note(format!(
+            "data pipeline: Trellis {:.0} batches/s, PyTorch (batched tensor ops) {:.0} batches/s",
+            1.0 / median(&t),
+            1.0 / median(&p)
+        ));
+        Ok(())
+    }
+
+    /// The same short run with the optimizer and metrics from the plugin dylibs and linked into
+    /// this binary: both sides are Trellis, so the ratio is plugin/static.
+    fn dispatch(&mut self) -> Result<()> {
+        let (steps, test_images, reps) =
+            (self.sizes(4, 20), self.sizes(500, 2000), self.sizes(2, 5));
+        eprintln!(
+            "dispatch: {steps} steps + evaluation of {test_images} images with accuracy and loss, \
+             plugins vs static, {reps} runs each"
+        );
+        let data = Rc::new(random_dataset(steps * BATCH, 5)?);
+        let test = random_dataset(test_images, 6)?;
+        let plugins = &self.plugins;
+        let short_run = |plugin: bool| -> Result<Vec<f64>> {
+            let net = resnet18(WIDTH_16, 0)?;
+            let source = if plugin {
+                OptimizerSource::Plugin(plugins)
+            } else {
+                OptimizerSource::Static
+            };
+            let mut run = Run::new(net, &data, source)?;
+            let host = host(&run.model, &data);
+            let mut metrics = if plugin {
+                plugins.metrics(&host)?
+            } else {
+                static_metrics(&host)?
+            };
+            let started = Instant::now();
+            run.timed_steps(steps)?;
+            run.model.set_training(false);
+            for m in &mut metrics {
+                m.reset().map_err(sdk)?;
+            }
+            {
+                let _no_grad = tch::no_grad_guard();
+                for batch in eval_loader(&test) {
+                    let (logits, features) = run.model.forward(&batch.inputs);
+                    let batch = Batch {
+                        inputs: batch.inputs,
+                        targets: batch.targets,
+                    };
+                    let outputs = Outputs { logits, features };
+                    for m in &mut metrics {
+                        m.update(&batch, &outputs).map_err(sdk)?;
+                    }
+                }
+            }
+            let info = EpochInfo {
+                epoch: 1,
+                epochs: 1,
+                step: steps as u64,
+            };
+            for m in &mut metrics {
+                m.compute(info).map_err(sdk)?;
+            }
+            Ok(vec![started.elapsed().as_secs_f64()])
+        };
+        let (t, p) = alternate(reps, || short_run(true), || short_run(false))?;
+        let row = Row::new(
+            &format!("{steps} steps + eval of {test_images} images (s)"),
+            "s",
+            &t,
+            &p,
+            1.0,
+        );
+        eprintln!(
+            "  plugins {:.4} s, static {:.4} s, ratio {:.3}",
+            row.trellis,
+            row.pytorch,
+            row.trellis / row.pytorch
+        );
+        self.report.dispatch = Some(row);
+        Ok(())
+    }
+
+    fn memory(&mut self) -> Result<()> {
+        let (width, steps) = if self.args.quick {
+            (WIDTH_16, 2)
+        } else {
+            (1.0, 3)
+        };
+        eprintln!("memory: peak RSS of {steps} training steps at width {width}, each side in its own process");
+        let exe = std::env::current_exe()?;
+        let mut trellis_kb = Vec::new();
+        let mut pytorch_kb = Vec::new();
+        for _ in 0..self.sizes(1, 2) {
+            let out = Command::new(&exe)
+                .args(["--memory-child", &width.to_string(), &steps.to_string()])
+                .args(["--threads", &self.args.threads.to_string()])
+                .output()?;
+            ensure!(
+                out.status.success(),
+                "the memory child failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            trellis_kb.push(peak_from(&out.stdout)?);
+            let out = python_command(&self.args)?
+                .args(["--memory", "--width", &width.to_string()])
+                .args(["--steps", &steps.to_string()])
+                .output()?;
+            ensure!(
+                out.status.success(),
+                "the PyTorch memory run failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            pytorch_kb.push(peak_from(&out.stdout)?);
+        }
+        self.report.add(Row::new(
+            &format!("peak RSS, {steps} steps at width {width} (MiB)"),
+            "MiB",
+            &trellis_kb,
+            &pytorch_kb,
+            1.0 / 1024.0,
+        ));
+        Ok(())
+    }
+}
+
+fn peak_from(stdout: &[u8]) -> Result<f64> {
+    let text = String::from_utf8_lossy(stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("peak_rss_kb"))
+        .ok_or_else(|| anyhow!("no peak_rss_kb in: {text}"))?;
+    let v: Value = serde_json::from_str(line)?;
+    v["peak_rss_kb"]
+        .as_f64()
+        .ok_or_else(|| anyhow!("bad peak_rss_kb in {line}"))
+}
+
+fn peak_rss_kb() -> Result<f64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .ok_or_else(|| anyhow!("no VmHWM in /proc/self/status"))?;
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow!("cannot parse {line}"))
+}
+
+/// A training session in this process alone, for its peak RSS: model, loader and optimizer as
+/// in `trellis run` (the optimizer linked statically, which needs no manifest).
+fn memory_child(width: f64, steps: usize) -> Result<()> {
+    let data = Rc::new(random_dataset(steps * BATCH, 1)?);
+    let net = resnet18(width, 0)?;
+    let mut run = Run::new(net, &data, OptimizerSource::Static)?;
+    run.timed_steps(steps)?;
+    println!("{}", json!({"peak_rss_kb": peak_rss_kb()?}));
+    Ok(())
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    // Before any parallel work, as libtorch requires for the inter-op pool; same on both sides.
+    tch::set_num_interop_threads(1);
+    tch::set_num_threads(args.threads as i32);
+    if let Some((width, steps)) = args.memory_child {
+        return memory_child(width, steps);
+    }
+    let py = PyTorch::start(&args)?;
+    eprintln!(
+        "Trellis (tch 0.24, libtorch {}) vs PyTorch {} eager, {} threads (1 inter-op) each side, \
+         load average {} at start{}{}{}",
+        py.version,
+        py.version,
+        args.threads,
+        load_average(),
+        if args.quick { ", --quick" } else { "" },
+        if args.python_env.is_empty() {
+            String::new()
+        } else {
+            let env: Vec<String> = args
+                .python_env
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            format!(", PyTorch side with {}", env.join(" "))
+        },
+        if args.pytorch_channels_last {
+            ", PyTorch side in channels_last"
+        } else {
+            ""
+        }
+    );
+    let plugins = Plugins::load()?;
+    let mut bench = Bench {
+        py,
+        plugins,
+        dir: tempfile::tempdir()?,
+        report: Report {
+            rows: Vec::new(),
+            dispatch: None,
+            notes: Vec::new(),
+        },
+        args,
+    };
+    let cases = bench.args.cases.clone();
+    let has = |c: &str| cases.iter().any(|x| x == c);
+    if has("train") {
+        let (reps, per_rep) = (bench.sizes(1, 5), bench.sizes(2, 5));
+        bench.train("train step, width 16", WIDTH_16, 2, reps, per_rep)?;
+        let (reps, per_rep) = (bench.sizes(1, 3), bench.sizes(1, 2));
+        bench.train("train step, full width", 1.0, 1, reps, per_rep)?;
+    }
+    if has("optimizer") {
+        bench.optimizer()?;
+    }
+    if has("eval") {
+        bench.eval()?;
+    }
+    if has("data") {
+        bench.data()?;
+    }
+    if has("dispatch") {
+        bench.dispatch()?;
+    }
+    if has("memory") {
+        bench.memory()?;
+    }
+    bench
+        .report
+        .note(format!("load average at the end: {}", load_average()));
+    bench.report.print();
+    Ok(())
+}
