@@ -1,5 +1,11 @@
-//! torch-sys links libtorch dynamically but gives the final binary no rpath, so `trellis` would
-//! need LD_LIBRARY_PATH. Point the rpath at the libtorch torch-sys was built against.
+//! How `trellis` (and core's tests and benches) link libtorch.
+//!
+//! - rpath: torch-sys links libtorch dynamically but gives the final binary no rpath, so
+//!   `trellis` would need LD_LIBRARY_PATH. Point the rpath at the libtorch torch-sys was built
+//!   against.
+//! - CUDA: torch-sys asks for `-ltorch_cuda`, but nothing calls into it directly, so a linker
+//!   that defaults to `--as-needed` (Debian's and Ubuntu's do) drops it, and libtorch then sees
+//!   no GPU (`tch::Cuda::is_available()` is false on a machine that has one). Keep it.
 fn main() {
     // The speed bench links the optimizer and metric plugins statically to compare them with
     // their dylibs. Both crates carry the same exported plugin entry points (`export_plugin!`),
@@ -9,5 +15,8 @@ fn main() {
     if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
         let lib = std::fs::canonicalize(&lib).unwrap_or_else(|_| lib.into());
         println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+        if lib.join("libtorch_cuda.so").exists() {
+            println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
+        }
     }
 }
