@@ -7,7 +7,8 @@ with a width multiplier), `torch.optim.SGD(..., foreach=True)`, `torch.no_grad()
 batched crop-and-flip augmentation in tensor ops.
 
 `--memory` runs a short training session on its own instead and prints its peak RSS, so each
-side's peak is measured in a process of its own.
+side's peak is measured in a process of its own; `--epochs N` trains whole epochs on its own (on
+the CPU or a GPU) and prints each one's seconds, for the bench's `epoch` case.
 
 Only the standard library and torch are needed: safetensors files are read and written by the
 few lines below rather than by the `safetensors` package, which the torch wheel does not bring.
@@ -324,11 +325,74 @@ def memory(width, steps, batch_size, channels_last):
     print(json.dumps({"peak_rss_kb": peak_rss_kb()}), flush=True)
 
 
+def augment_on_device(images, mean, std, generator):
+    """Random crop (pad 4) + horizontal flip + normalise of a u8 batch, where the batch is."""
+    b, c, h, w = images.shape
+    device = images.device
+    padded = F.pad(images, (4, 4, 4, 4))
+    dy = torch.randint(0, 9, (b,), device=device, generator=generator)
+    dx = torch.randint(0, 9, (b,), device=device, generator=generator)
+    flip = torch.rand(b, device=device, generator=generator) < 0.5
+    ys = torch.arange(h, device=device)
+    xs = torch.arange(w, device=device)
+    rows = (dy.view(-1, 1) + ys).view(b, 1, h, 1)
+    cols = (torch.where(flip.view(-1, 1), w - 1 - xs, xs) + dx.view(-1, 1)).view(b, 1, 1, w)
+    batch = torch.arange(b, device=device).view(b, 1, 1, 1)
+    channel = torch.arange(c, device=device).view(1, c, 1, 1)
+    return (padded[batch, channel, rows, cols].float() / 255 - mean) / std
+
+
+def epochs(device, width, images, epochs, batch_size, channels_last):
+    """`epochs` training epochs over `images` random CIFAR-shaped u8 images, the strongest plain
+    PyTorch set-up for the device: the whole set resident there, shuffled and augmented there in
+    batched tensor ops, SGD with foreach, the loss summed on the device and read once per epoch.
+    Prints each epoch's training seconds (the device synchronised before each clock reading)."""
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.manual_seed(0)
+    model = ResNet18(width).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, foreach=True)
+    g = torch.Generator(device=device).manual_seed(0)
+    data = torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, device=device, generator=g)
+    labels = torch.randint(0, 10, (images,), device=device, generator=g)
+    mean = torch.tensor([0.4914, 0.4822, 0.4465], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.2470, 0.2435, 0.2616], device=device).view(1, 3, 1, 1)
+    model.train()
+    seconds = []
+    for _ in range(epochs):
+        sync()
+        started = time.perf_counter()
+        order = torch.randperm(images, device=device, generator=g)
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for i in range(images // batch_size):
+            idx = order[i * batch_size : (i + 1) * batch_size]
+            x = augment_on_device(data[idx], mean, std, g)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = labels[idx]
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            total += loss.detach().double() * batch_size
+        loss_sum = total.item()
+        sync()
+        seconds.append(time.perf_counter() - started)
+        if loss_sum != loss_sum:
+            raise ValueError("NaN loss")
+    print(json.dumps({"train_seconds": seconds}), flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--interop-threads", type=int, required=True)
     parser.add_argument("--memory", action="store_true", help="one training session, then print the peak RSS")
+    parser.add_argument("--epochs", type=int, help="train this many epochs on its own, then print their seconds")
+    parser.add_argument("--device", default="cpu", help="--epochs only: cpu or cuda")
+    parser.add_argument("--images", type=int, default=50000, help="--epochs only: training set size")
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -339,7 +403,9 @@ def main():
     # Before any parallel work, as PyTorch requires for the inter-op pool.
     torch.set_num_interop_threads(args.interop_threads)
     torch.set_num_threads(args.threads)
-    if args.memory:
+    if args.epochs:
+        epochs(args.device, args.width, args.images, args.epochs, args.batch_size, args.channels_last)
+    elif args.memory:
         memory(args.width, args.steps, args.batch_size, args.channels_last)
     else:
         print(json.dumps({"ok": True, "torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)

@@ -28,6 +28,9 @@ pub struct EpochRecord {
     pub lr: BTreeMap<String, f64>,
     /// Training steps that found no batch ready (the data pipeline fell behind).
     pub data_waits: usize,
+    /// The training steps alone: `epoch_seconds` less evaluation and checkpointing.
+    #[serde(default)]
+    pub train_seconds: f64,
     pub epoch_seconds: f64,
     pub elapsed_seconds: f64,
 }

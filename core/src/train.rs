@@ -367,10 +367,20 @@ impl Trainer<'_> {
         let mut loss_sum = Tensor::zeros([], (Kind::Double, self.state.device));
         let mut samples = 0i64;
         let mut since_check = 0;
+        let has_next_epoch = epoch + 1 < c.train.epochs && !self.stop_when_pruned;
         for (i, batch) in loader.by_ref().enumerate() {
             self.prune_if_due()?;
             if self.stop_when_pruned && self.masks().is_some() {
                 break;
+            }
+            // The next epoch's loader starts while this one's last batches are taken, so that
+            // the next epoch's first step finds its batch ready, with or without an evaluation
+            // in between (a loader's batches depend on (seed, epoch) only).
+            if has_next_epoch
+                && self.next_loader.is_none()
+                && (i + crate::data::PREFETCH) as u64 >= self.steps_per_epoch
+            {
+                self.next_loader = Some((epoch + 1, self.train_loader(epoch + 1)));
             }
             if per_step && i > 0 {
                 self.update_rates(Boundary::Step, epoch)?;
@@ -419,11 +429,6 @@ impl Trainer<'_> {
             }
         }
         progress.finish_epoch();
-        // The next epoch's first batches are prepared during evaluation, so that its first step
-        // does not wait for the loader to start (a loader's batches depend on (seed, epoch) only).
-        if epoch + 1 < c.train.epochs && !self.stop_when_pruned {
-            self.next_loader = Some((epoch + 1, self.train_loader(epoch + 1)));
-        }
         let mean = loss_sum.double_value(&[]) / samples.max(1) as f64;
         check_finite(mean, epoch, self.step)?;
         Ok((mean, loader.waits()))
@@ -854,6 +859,7 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary> {
     for epoch in start_epoch..last_epoch {
         let epoch_started = Instant::now();
         let (train_loss, data_waits) = trainer.train_epoch(epoch, &mut progress)?;
+        let train_seconds = epoch_started.elapsed().as_secs_f64();
         let done = epoch + 1;
         let info = EpochInfo {
             epoch: done as u64,
@@ -881,6 +887,7 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary> {
                 .map(|((name, _), lr)| (name.clone(), *lr))
                 .collect(),
             data_waits,
+            train_seconds,
             epoch_seconds: epoch_started.elapsed().as_secs_f64(),
             elapsed_seconds: started.elapsed().as_secs_f64(),
         };

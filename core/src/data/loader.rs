@@ -19,7 +19,7 @@ use super::Dataset;
 
 /// Batches prepared ahead: enough to absorb jitter in batch preparation, few enough that the
 /// memory they hold (on the device) stays small.
-const PREFETCH: usize = 3;
+pub const PREFETCH: usize = 3;
 
 const SHUFFLE_STREAM: u64 = 0x5348_5546; // "SHUF"
 const AUGMENT_STREAM: u64 = 0x4155_474D; // "AUGM"

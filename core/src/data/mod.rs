@@ -18,7 +18,7 @@ use tch::{Kind, Tensor};
 
 pub use augment::{augment_batch, augment_into, lookup_table_tensor, normalize_batch, Normalize};
 pub use cifar::{read_cifar10, read_cifar100};
-pub use loader::{Batch, Loader, LoaderOptions};
+pub use loader::{Batch, Loader, LoaderOptions, PREFETCH};
 pub use subset::{cifar2, class_balanced_batch, stratified_subset};
 pub use synthetic::synthetic;
 
