@@ -137,11 +137,19 @@ fn parse_args() -> Result<Args> {
     Ok(args)
 }
 
+/// The checkout this binary sits in (`<root>/target/release/deps/speed-<hash>`), which may not
+/// be where it was compiled: a GPU machine without a Rust toolchain runs a copy of the checkout
+/// with the built binaries carried along.
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let compiled_in = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("core/ has a parent")
-        .to_path_buf()
+        .to_path_buf();
+    profile_dir()
+        .ok()
+        .and_then(|p| Some(p.parent()?.parent()?.to_path_buf()))
+        .filter(|root| root.join("core/benches/pytorch_reference.py").exists())
+        .unwrap_or(compiled_in)
 }
 
 /// target/release: this binary is target/release/deps/speed-<hash>.
@@ -186,7 +194,7 @@ fn python_path(explicit: Option<&Path>) -> Result<PathBuf> {
 }
 
 fn reference_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/pytorch_reference.py")
+    workspace_root().join("core/benches/pytorch_reference.py")
 }
 
 /// The reference script with the session's threads and PyTorch-side options.
@@ -399,7 +407,7 @@ struct Plugins {
 impl Plugins {
     fn load() -> Result<Plugins> {
         let profile = profile_dir()?;
-        let mut build = Command::new(env!("CARGO"));
+        let mut build = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
         build
             .args([
                 "build",
@@ -413,10 +421,18 @@ impl Plugins {
         if profile.ends_with("release") {
             build.arg("--release");
         }
-        let status = build
-            .status()
-            .context("cannot run cargo to build the plugins")?;
-        ensure!(status.success(), "building the plugins failed");
+        match build.status() {
+            Ok(status) => ensure!(status.success(), "building the plugins failed"),
+            // No toolchain (a machine the binaries were carried to): use the plugins beside
+            // this binary, which Registry::load checks like any manifest's.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                eprintln!(
+                    "no cargo here: using the plugins already built in {}",
+                    profile.display()
+                )
+            }
+            Err(e) => return Err(e).context("cannot run cargo to build the plugins"),
+        }
         let dir = tempfile::tempdir()?;
         let mut manifest = String::new();
         for package in ["trellis-optim", "trellis-metrics"] {
@@ -1304,7 +1320,7 @@ impl Bench {
             reps,
             || {
                 let _ = std::fs::remove_dir_all(&run_dir);
-                let out = Command::new(env!("CARGO_BIN_EXE_trellis"))
+                let out = Command::new(profile_dir()?.join("trellis"))
                     .arg("run")
                     .arg(&config)
                     .arg("--out")

@@ -57,6 +57,14 @@ fn synthetic_run_learns_and_writes_its_run_directory() {
         records[1]["train_loss"].as_f64().unwrap() < records[0]["train_loss"].as_f64().unwrap()
     );
     assert!(records[0]["lr"]["all"].as_f64().unwrap() > records[1]["lr"]["all"].as_f64().unwrap());
+    for r in &records {
+        // The steps alone, so less than the epoch with its evaluation and checkpoint.
+        let (train, epoch) = (r["train_seconds"].as_f64(), r["epoch_seconds"].as_f64());
+        assert!(
+            matches!((train, epoch), (Some(t), Some(e)) if 0.0 < t && t < e),
+            "{r}"
+        );
+    }
     for key in ["ece", "loss", "top5"] {
         assert!(
             records[1]["test"][key].is_number(),

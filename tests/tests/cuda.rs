@@ -2,7 +2,7 @@
 //! `[train] autocast = "bf16"`. The CUDA tests pass without doing anything where libtorch sees no
 //! CUDA device, as in CI; autocast is also checked on the CPU, which runs bf16 too.
 
-use trellis_tests::{assert_ok, metrics, setup, small_config, trellis};
+use trellis_tests::{assert_ok, metrics, setup, small_config, trellis, workspace_root};
 
 fn cuda_available() -> bool {
     let available = tch::Cuda::is_available();
@@ -68,4 +68,23 @@ fn bf16_autocast_follows_the_f32_run_on_the_cpu() {
     let bf16 = run(&["train.autocast=\"bf16\""]);
     assert_ne!(full, bf16, "autocast changed nothing");
     assert_close_to_f32(&full, &bf16);
+}
+
+#[test]
+fn trellis_has_libtorch_cuda_loaded_when_libtorch_is_a_cuda_build() {
+    // A linker defaulting to --as-needed drops libtorch_cuda from the binary, and then libtorch
+    // sees no GPU on a machine that has one. This is checkable without a GPU.
+    let has_cuda_build = workspace_root()
+        .join(".libtorch/lib/libtorch_cuda.so")
+        .exists();
+    let dir = tempfile::tempdir().unwrap();
+    let out = trellis(dir.path(), &["info"]);
+    assert_ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("libtorch 2.11"), "{text}");
+    if has_cuda_build {
+        assert!(text.contains("libtorch_cuda loaded"), "{text}");
+    } else {
+        assert!(text.contains("CPU-only"), "{text}");
+    }
 }

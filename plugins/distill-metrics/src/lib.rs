@@ -227,7 +227,11 @@ impl Metric for Agreement {
     fn update(&mut self, batch: &Batch, outputs: &Outputs) -> Result<()> {
         let teacher = tch::no_grad(|| self.teacher.forward(&batch.inputs))?;
         let agree = top1(&outputs.logits).eq_tensor(&top1(&teacher.logits));
-        let n = Tensor::from(agree.size()[0] as f32).to_device(agree.device());
+        let n = Tensor::full(
+            [] as [i64; 0],
+            agree.size()[0] as f64,
+            (Kind::Float, agree.device()),
+        );
         accumulate(&mut self.totals, Tensor::stack(&[count(&agree), n], 0));
         Ok(())
     }
@@ -426,7 +430,7 @@ impl Metric for AdversarialTransfer {
         })?;
         let fooled_teacher = teacher_adv.ne_tensor(&teacher_clean);
         let fooled_both = fooled_teacher.logical_and(&student_adv.ne_tensor(&student_clean));
-        let attacked = Tensor::from(n as f32).to_device(inputs.device());
+        let attacked = Tensor::full([] as [i64; 0], n as f64, (Kind::Float, inputs.device()));
         accumulate(
             &mut self.totals,
             Tensor::stack(&[count(&fooled_teacher), count(&fooled_both), attacked], 0),
@@ -722,7 +726,7 @@ impl Metric for JitterInvariance {
             }
             None => student.zeros_like(),
         };
-        let images = Tensor::from(n as f32).to_device(student.device());
+        let images = Tensor::full([] as [i64; 0], n as f64, (Kind::Float, student.device()));
         accumulate(
             &mut self.totals,
             Tensor::stack(&[student, teacher, images], 0),

@@ -74,7 +74,12 @@ impl Metric for Accuracy {
             .iter()
             .map(|&k| hits.narrow(1, 0, k.min(classes)).sum(Kind::Float))
             .collect();
-        counts.push(Tensor::from(batch.targets.size()[0] as f32).to_device(hits.device()));
+        // A fill on the device, not a copy from the host, which would synchronise a GPU.
+        counts.push(Tensor::full(
+            [] as [i64; 0],
+            batch.targets.size()[0] as f64,
+            (Kind::Float, hits.device()),
+        ));
         sum_into(&mut self.counts, Tensor::stack(&counts, 0));
         Ok(())
     }
@@ -132,7 +137,11 @@ impl Metric for MeanLoss {
             -100,
             0.0,
         )?;
-        let n = Tensor::from(batch.targets.size()[0] as f32).to_device(sum.device());
+        let n = Tensor::full(
+            [] as [i64; 0],
+            batch.targets.size()[0] as f64,
+            (Kind::Float, sum.device()),
+        );
         sum_into(&mut self.totals, Tensor::stack(&[sum, n], 0));
         Ok(())
     }
