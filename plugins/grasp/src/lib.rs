@@ -135,16 +135,7 @@ trellis_sdk::export_plugin!(Plugin::new(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use trellis_pai_common::testing::{self as tiny, assert_close, values};
-    use trellis_sdk::Scope;
-
-    fn request(density: f64, batches: Vec<trellis_sdk::Batch>) -> PruneRequest {
-        PruneRequest {
-            density,
-            scope: Scope::Global,
-            batches,
-        }
-    }
+    use trellis_pai_common::testing::{self as tiny, assert_close, request, values};
 
     /// Σ over the two test batches of the reference gradient at `w`.
     fn total_gradient(w: &tiny::Weights, t: f64) -> Vec<f64> {

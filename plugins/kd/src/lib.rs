@@ -13,11 +13,12 @@
 //! gradients, and it is not a trainable parameter, so it never reaches the optimizer, the
 //! student's checkpoint or the exported model.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use tch::{Reduction, Tensor};
 use trellis_sdk::{Batch, Component, Distiller, Error, Host, Model, Outputs, Plugin, Result};
+use trellis_teacher::load_teacher;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -79,70 +80,6 @@ pub fn kd_loss(
         ("kd_ce".to_string(), ce * w.gamma),
         ("kd_kl".to_string(), kl * (w.alpha * t * t)),
     ])
-}
-
-/// Builds the teacher from its `[model]`-style table and the weights a previous run saved, in
-/// eval mode. A mismatch between the two is reported at `teacher_checkpoint`, with the host's
-/// list of missing and unexpected names.
-pub fn load_teacher(
-    host: &Host,
-    component: &str,
-    spec: &toml::Table,
-    checkpoint: &Path,
-) -> Result<Model> {
-    if spec.is_empty() {
-        return Err(Error::config(
-            "teacher",
-            format!(
-                "{component} needs the teacher's architecture, e.g. \
-                 `teacher = {{ arch = \"resnet34\", width = 0.25 }}` (the [model] table the teacher \
-                 was trained with)"
-            ),
-        ));
-    }
-    if checkpoint.as_os_str().is_empty() {
-        return Err(Error::config(
-            "teacher_checkpoint",
-            format!(
-                "{component} needs the teacher's weights, e.g. \
-                 `teacher_checkpoint = \"runs/teacher/model.safetensors\"` (written by the \
-                 `trellis run` that trained it)"
-            ),
-        ));
-    }
-    let text = toml::to_string(spec)
-        .map_err(|e| Error::config("teacher", format!("cannot write the teacher spec: {e}")))?;
-    let path = host.resolve(checkpoint);
-    if !path.is_file() {
-        return Err(Error::config(
-            "teacher_checkpoint",
-            format!(
-                "no teacher weights at {}: train the teacher first (`trellis run <teacher config> \
-                 --out <dir>` writes <dir>/model.safetensors); a relative path is relative to the \
-                 run config",
-                path.display()
-            ),
-        ));
-    }
-    let teacher = host.build_model(&text, &path).map_err(|e| {
-        // The host refuses a spec before it reads any weights; point at what is wrong.
-        let key = if e.message.starts_with("invalid model spec") {
-            "teacher"
-        } else {
-            "teacher_checkpoint"
-        };
-        Error::config(
-            key,
-            format!(
-                "cannot load the teacher ({}) from {}: {}",
-                text.trim().replace('\n', ", "),
-                path.display(),
-                e.message
-            ),
-        )
-    })?;
-    teacher.set_training(false);
-    Ok(teacher)
 }
 
 pub struct Kd {

@@ -354,3 +354,12 @@ pub fn pruned_positions(masks: &[(String, Tensor)]) -> Vec<usize> {
     let all: Vec<f64> = masks.iter().flat_map(|(_, m)| values(m)).collect();
     (0..all.len()).filter(|&i| all[i] == 0.0).collect()
 }
+
+/// A global-scope pruning request for `density` on `batches`.
+pub fn request(density: f64, batches: Vec<Batch>) -> trellis_sdk::PruneRequest {
+    trellis_sdk::PruneRequest {
+        density,
+        scope: trellis_sdk::Scope::Global,
+        batches,
+    }
+}

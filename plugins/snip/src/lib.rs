@@ -72,16 +72,7 @@ trellis_sdk::export_plugin!(Plugin::new(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use trellis_pai_common::testing::{self as tiny, assert_close, values};
-    use trellis_sdk::Scope;
-
-    fn request(density: f64, batches: Vec<trellis_sdk::Batch>) -> PruneRequest {
-        PruneRequest {
-            density,
-            scope: Scope::Global,
-            batches,
-        }
-    }
+    use trellis_pai_common::testing::{self as tiny, assert_close, request, values};
 
     fn snip(net: &tiny::Tiny, bn_mode: BnMode) -> Snip {
         Snip::new(SnipConfig { bn_mode }, net.host()).unwrap()
