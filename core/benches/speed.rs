@@ -369,8 +369,7 @@ fn resnet18(width: f64, seed: i64) -> Result<Network> {
 }
 
 fn host(model: &Rc<SharedModel>, data: &Rc<Dataset>) -> RunHost {
-    RunHost(RunState::new(
-        model.clone(),
+    let state = RunState::new(
         10,
         Device::Cpu,
         0,
@@ -380,7 +379,9 @@ fn host(model: &Rc<SharedModel>, data: &Rc<Dataset>) -> RunHost {
         normalize(),
         None,
         std::env::temp_dir(),
-    ))
+    );
+    state.set_model(model.clone());
+    RunHost(state)
 }
 
 fn param_group(net: &Network) -> ParamGroup {
@@ -533,7 +534,7 @@ impl Run {
     /// a plain run does not have): forward, cross-entropy, zeroed gradients, backward, the
     /// optimizer, and the loss accumulated without reading it.
     fn step(&mut self, batch: &Batch) -> Result<()> {
-        let (logits, _) = self.model.forward(&batch.inputs);
+        let (logits, _) = self.model.forward(&batch.inputs)?;
         let loss = logits.cross_entropy_for_logits(&batch.targets);
         for p in &mut self.params {
             p.zero_grad();
@@ -828,7 +829,7 @@ impl Bench {
             .map(|(name, t)| (name, t.detach().copy()))
             .collect();
 
-        let (logits, _) = run.model.forward(&inputs);
+        let (logits, _) = run.model.forward(&inputs)?;
         let loss = logits.cross_entropy_for_logits(&targets);
         for p in &mut run.params {
             p.zero_grad();
@@ -951,7 +952,7 @@ impl Bench {
         // Gradients everywhere and momentum buffers in place, as in any step after the first.
         run.timed_steps(1)?;
         let batch = run.loader.next().ok_or_else(|| anyhow!("no batch"))?;
-        let (logits, _) = run.model.forward(&batch.inputs);
+        let (logits, _) = run.model.forward(&batch.inputs)?;
         logits.cross_entropy_for_logits(&batch.targets).backward();
         self.py.call("prepare_optimizer", json!({}))?;
         let optimizer = &mut run.optimizer;
@@ -998,7 +999,7 @@ impl Bench {
                 let _no_grad = tch::no_grad_guard();
                 let mut hits = Tensor::zeros([], (Kind::Int64, Device::Cpu));
                 for batch in eval_loader(&data) {
-                    let (logits, _) = model.forward(&batch.inputs);
+                    let (logits, _) = model.forward(&batch.inputs)?;
                     hits += logits.argmax(1, false).eq(0).sum(Kind::Int64);
                 }
                 let _ = hits.int64_value(&[]);
@@ -1109,7 +1110,7 @@ impl Bench {
             {
                 let _no_grad = tch::no_grad_guard();
                 for batch in eval_loader(&test) {
-                    let (logits, features) = run.model.forward(&batch.inputs);
+                    let (logits, features) = run.model.forward(&batch.inputs)?;
                     let batch = Batch {
                         inputs: batch.inputs,
                         targets: batch.targets,

@@ -13,7 +13,7 @@ use trellis_sdk::abi::ErrorKind;
 use trellis_sdk::Role;
 
 use crate::data::DataConfig;
-use crate::models::ModelConfig;
+use crate::models::ModelSpec;
 use crate::plugin_host::ComponentError;
 use crate::schedule::ScheduleConfig;
 use crate::source::{Seg, SourceFile};
@@ -24,7 +24,7 @@ pub struct RunConfig {
     /// The plugin manifest, relative to this file.
     #[serde(default)]
     pub plugins: Option<PathBuf>,
-    pub model: ModelConfig,
+    pub model: ModelSpec,
     #[serde(default)]
     pub data: DataConfig,
     #[serde(default)]
@@ -40,6 +40,9 @@ pub struct RunConfig {
     pub distillers: Vec<ComponentConfig>,
     #[serde(default)]
     pub metrics: Vec<ComponentConfig>,
+    /// Called on the run's events, in this order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub callbacks: Vec<ComponentConfig>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -184,31 +187,37 @@ pub enum ScopeChoice {
 /// Where a component's table sits in the file, for pointing at its keys.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TablePath {
+    Model,
     Optimizer,
     Scheduler,
     Pruner,
     Distiller(usize),
     Metric(usize),
+    Callback(usize),
 }
 
 impl TablePath {
     pub fn segs(&self) -> Vec<Seg<'static>> {
         match self {
+            TablePath::Model => vec![Seg::Key("model")],
             TablePath::Optimizer => vec![Seg::Key("optimizer")],
             TablePath::Scheduler => vec![Seg::Key("scheduler")],
             TablePath::Pruner => vec![Seg::Key("pruner")],
             TablePath::Distiller(i) => vec![Seg::Key("distillers"), Seg::Index(*i)],
             TablePath::Metric(i) => vec![Seg::Key("metrics"), Seg::Index(*i)],
+            TablePath::Callback(i) => vec![Seg::Key("callbacks"), Seg::Index(*i)],
         }
     }
 
     pub fn role(&self) -> Role {
         match self {
+            TablePath::Model => Role::Model,
             TablePath::Optimizer => Role::Optimizer,
             TablePath::Scheduler => Role::Scheduler,
             TablePath::Pruner => Role::Pruner,
             TablePath::Distiller(_) => Role::Distiller,
             TablePath::Metric(_) => Role::Metric,
+            TablePath::Callback(_) => Role::Callback,
         }
     }
 }
@@ -430,11 +439,15 @@ impl LoadedConfig {
     /// The components the config asks for, with their tables' locations.
     pub fn components(&self) -> Vec<(TablePath, &str, toml::Table)> {
         let c = &self.config;
-        let mut out = vec![(
+        let mut out = Vec::new();
+        if let ModelSpec::Plugin(m) = &c.model {
+            out.push((TablePath::Model, m.component.as_str(), m.options.clone()));
+        }
+        out.push((
             TablePath::Optimizer,
             c.optimizer.component.as_str(),
             c.optimizer.options.clone(),
-        )];
+        ));
         if let Some(s) = &c.scheduler {
             out.push((
                 TablePath::Scheduler,
@@ -459,6 +472,13 @@ impl LoadedConfig {
                 TablePath::Metric(i),
                 m.component.as_str(),
                 m.options.clone(),
+            ));
+        }
+        for (i, cb) in c.callbacks.iter().enumerate() {
+            out.push((
+                TablePath::Callback(i),
+                cb.component.as_str(),
+                cb.options.clone(),
             ));
         }
         out

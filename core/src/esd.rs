@@ -1,26 +1,15 @@
-//! `trellis esd`: the heavy-tailed spectral diagnostics (METHODS.md section 5) of every Conv2d
-//! and Linear layer of a saved model, so a trained model can be checked without training.
+//! The heavy-tailed spectral diagnostics (METHODS.md section 5) of every Conv2d and Linear layer
+//! of a network, and their table; `trellis esd` ([`crate::commands::esd`]) runs them on a saved
+//! model.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use serde::Deserialize;
-use tch::Device;
 use trellis_sdk::LayerKind;
 use trellis_spectral::{analyze, Fit, LayerSpectrum};
 
-use crate::models::{Arch, ModelConfig, Network};
-
-#[derive(Debug, Clone)]
-pub struct EsdOptions {
-    /// A `model.safetensors` written by `trellis run`.
-    pub weights: PathBuf,
-    pub arch: Arch,
-    pub width: f64,
-    pub classes: i64,
-    pub fit: Fit,
-}
+use crate::models::{Arch, Network};
 
 /// One analysed layer.
 #[derive(Debug, Clone)]
@@ -36,30 +25,6 @@ pub fn parse_arch(name: &str) -> Result<Arch, String> {
     Arch::deserialize(de).map_err(|_| {
         format!("unknown architecture `{name}`: use resnet18, resnet34, vgg16_bn, mlp or lenet5")
     })
-}
-
-/// Loads the weights into the network they were saved from and analyses every Conv2d and
-/// Linear layer in registration order.
-pub fn analyze_weights(opts: &EsdOptions) -> Result<Vec<LayerReport>> {
-    analyze_network(&load_network(opts)?, opts.fit)
-}
-
-/// The network `opts` describes, with the saved weights.
-pub fn load_network(opts: &EsdOptions) -> Result<Network> {
-    let cfg = ModelConfig {
-        arch: opts.arch,
-        width: opts.width,
-        hidden: None,
-    };
-    // The model zoo's inputs are CIFAR-shaped: 3 channels of 32 × 32.
-    let mut net = Network::build(&cfg, opts.classes, 3, 32, Device::Cpu)?;
-    net.load(&opts.weights).with_context(|| {
-        format!(
-            "help: pass the --arch, --width and --classes of the run that saved {} (see its config.toml)",
-            opts.weights.display()
-        )
-    })?;
-    Ok(net)
 }
 
 /// Every Conv2d and Linear layer of a network, in registration order.
@@ -128,74 +93,4 @@ pub fn render(reports: &[LayerReport], fit: Fit) -> String {
         );
     }
     out
-}
-
-pub fn run(opts: &EsdOptions) -> Result<()> {
-    let net = load_network(opts)?;
-    let started = std::time::Instant::now();
-    let reports = analyze_network(&net, opts.fit)?;
-    let seconds = started.elapsed().as_secs_f64();
-    print!("{}", render(&reports, opts.fit));
-    println!("{} layers analysed in {seconds:.3} s", reports.len());
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_conv_and_linear_layer_of_a_saved_model_is_analysed() {
-        tch::manual_seed(4);
-        let cfg = ModelConfig {
-            width: 0.125,
-            ..ModelConfig::new(Arch::Resnet18)
-        };
-        let net = Network::build(&cfg, 10, 3, 32, Device::Cpu).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("model.safetensors");
-        net.save(&path).unwrap();
-        let opts = EsdOptions {
-            weights: path,
-            arch: Arch::Resnet18,
-            width: 0.125,
-            classes: 10,
-            fit: Fit::Median,
-        };
-        let reports = analyze_weights(&opts).unwrap();
-        // stem + 16 block convs + 3 shortcut convs + the classifier.
-        assert_eq!(reports.len(), 21);
-        assert_eq!(reports[0].layer, "conv1");
-        assert_eq!(reports[20].layer, "linear");
-        let weight = net
-            .parameters()
-            .into_iter()
-            .find(|(n, _, _)| n == "layer2.0.conv1.weight")
-            .unwrap()
-            .2;
-        let report = reports
-            .iter()
-            .find(|r| r.layer == "layer2.0.conv1")
-            .unwrap();
-        assert_eq!(report.shape, [16, 8, 3, 3]);
-        assert_eq!(
-            report.spectrum,
-            analyze(&weight, Fit::Median).unwrap(),
-            "the file's weights, not a fresh initialisation"
-        );
-        let table = render(&reports, Fit::Median);
-        assert!(
-            table.contains("layer2.0.conv1") && table.contains("16x8x3x3"),
-            "{table}"
-        );
-
-        let wrong = EsdOptions {
-            width: 0.25,
-            ..opts
-        };
-        let err = format!("{:#}", analyze_weights(&wrong).unwrap_err());
-        assert!(err.contains("--width"), "{err}");
-        assert!(parse_arch("resnet50").unwrap_err().contains("resnet18"));
-        assert_eq!(parse_arch("vgg16_bn"), Ok(Arch::Vgg16Bn));
-    }
 }

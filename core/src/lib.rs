@@ -6,8 +6,10 @@
 //!   can ask the host for.
 //! - [`train`]: the loop; [`prune`]: masks and their enforcement; [`checkpoint`]: saving and
 //!   resuming; [`report`]: logs and tables.
-//! - [`esd`]: `trellis esd`, the per-layer spectral diagnostics of a saved model.
+//! - [`esd`]: the per-layer spectral diagnostics `trellis esd` prints.
+//! - [`commands`]: one module per `trellis` subcommand, driving the above.
 pub mod checkpoint;
+pub mod commands;
 pub mod config;
 pub mod data;
 pub mod esd;

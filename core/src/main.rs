@@ -3,10 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
 use clap::{Parser, Subcommand};
-use trellis::plugin_host::{self, Registry};
-use trellis::train::{self, RunOptions};
+use trellis::commands::{self, esd::EsdOptions, esd::ModelSource, run::RunOptions};
 
 #[derive(Parser)]
 #[command(
@@ -49,6 +47,10 @@ enum Command {
     Esd {
         /// The weights, e.g. a run directory's model.safetensors.
         weights: PathBuf,
+        /// The run config that describes the model (e.g. the run directory's config.toml): any
+        /// model, a plugin's too. Without it, --arch, --width and --classes describe it.
+        #[arg(long, conflicts_with_all = ["arch", "width", "classes"])]
+        config: Option<PathBuf>,
         /// The architecture the weights belong to.
         #[arg(long, default_value = "resnet18", value_parser = trellis::esd::parse_arch)]
         arch: trellis::models::Arch,
@@ -107,82 +109,6 @@ enum PluginsAction {
     },
 }
 
-fn print_components(registry: &Registry) {
-    let mut last_role = None;
-    for (library, c) in registry.components() {
-        if last_role != Some(c.role) {
-            println!("\n{}s:", c.role);
-            last_role = Some(c.role);
-        }
-        println!(
-            "  {:<20} {} (plugin {} {})",
-            c.name, c.description, library.info.name, library.info.version
-        );
-        for line in c.default_config.lines() {
-            println!("  {:<20}   {line}", "");
-        }
-    }
-}
-
-fn inspect(file: &std::path::Path) -> Result<()> {
-    let library = plugin_host::open(file)?;
-    let info = &library.info;
-    println!("plugin   {} {}", info.name, info.version);
-    println!("about    {}", info.description);
-    println!("file     {}", library.path.display());
-    println!("sha256   {}", library.sha256);
-    println!(
-        "built    sdk {} (ABI {}), tch {}, libtorch {}{}",
-        info.sdk_version,
-        info.sdk_abi,
-        info.tch_version,
-        info.libtorch_version,
-        if info.cuda { " with CUDA" } else { "" }
-    );
-    for c in &info.components {
-        println!("\n{} `{}`: {}", c.role, c.name, c.description);
-        if c.default_config.trim().is_empty() {
-            println!("  (no configuration)");
-        }
-        for line in c.default_config.lines() {
-            println!("  {line}");
-        }
-    }
-    Ok(())
-}
-
-/// `trellis info`: what to check first when a GPU is not used.
-fn info() -> Result<()> {
-    use trellis_sdk::plugin::{LIBTORCH_CUDA, LIBTORCH_VERSION, TCH_VERSION};
-    println!("trellis  {}", env!("CARGO_PKG_VERSION"));
-    println!(
-        "libtorch {LIBTORCH_VERSION} (tch {TCH_VERSION}), {} CPU threads",
-        tch::get_num_threads()
-    );
-    // Linux lists every mapped library in /proc/self/maps.
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
-    let cuda_loaded = maps.contains("libtorch_cuda.so");
-    let cuda = match (LIBTORCH_CUDA, cuda_loaded) {
-        (false, _) => "none: this libtorch is a CPU-only build".to_string(),
-        (true, false) => "libtorch_cuda is not loaded, so no GPU can be used\n  help: the linker \
-                          dropped it; core/build.rs links it with --no-as-needed, rebuild trellis"
-            .to_string(),
-        (true, true) => match tch::Cuda::device_count() {
-            0 => "libtorch_cuda loaded; no CUDA device visible".to_string(),
-            n => format!(
-                "libtorch_cuda loaded; {n} device(s), cuDNN {}",
-                if tch::Cuda::cudnn_is_available() {
-                    "available"
-                } else {
-                    "not available"
-                }
-            ),
-        },
-    };
-    println!("cuda     {cuda}");
-    Ok(())
-}
-
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -202,7 +128,7 @@ fn main() -> ExitCode {
             resume,
             stop_after,
             quiet,
-        } => train::run(&RunOptions {
+        } => commands::run::run(&RunOptions {
             config,
             overrides,
             out,
@@ -212,18 +138,24 @@ fn main() -> ExitCode {
             progress: !quiet,
         })
         .map(|_| ()),
-        Command::Info => info(),
+        Command::Info => commands::info::info(),
         Command::Esd {
             weights,
+            config,
             arch,
             width,
             classes,
             fit,
-        } => trellis::esd::run(&trellis::esd::EsdOptions {
+        } => commands::esd::run(&EsdOptions {
             weights,
-            arch,
-            width,
-            classes,
+            model: match config {
+                Some(config) => ModelSource::RunConfig(config),
+                None => ModelSource::Builtin {
+                    arch,
+                    width,
+                    classes,
+                },
+            },
             fit,
         }),
         Command::Prune {
@@ -234,7 +166,7 @@ fn main() -> ExitCode {
             batch,
             overrides,
             manifest,
-        } => trellis::prune::prune(&trellis::prune::PruneOptions {
+        } => commands::prune::prune(&commands::prune::PruneOptions {
             config,
             overrides,
             manifest,
@@ -250,11 +182,11 @@ fn main() -> ExitCode {
         Command::Plugins {
             action: Some(PluginsAction::Inspect { file }),
             ..
-        } => inspect(&file),
+        } => commands::plugins::inspect(&file),
         Command::Plugins {
             action: None,
             manifest,
-        } => Registry::load(&manifest).map(|r| print_components(&r)),
+        } => commands::plugins::list(&manifest),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

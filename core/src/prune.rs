@@ -5,10 +5,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 use trellis_sdk::{Batch, Host, Model, PruneRequest, Pruner, Role, Scope, Table};
 
 use crate::config::{component_text, LoadedConfig, PrunerConfig, ScopeChoice, TablePath};
@@ -147,9 +147,13 @@ fn target_key(p: &PrunerConfig) -> &'static str {
     }
 }
 
+fn sdk_error(e: trellis_sdk::Error) -> anyhow::Error {
+    anyhow!(e.message)
+}
+
 /// The SDK's view of the run's model: its `prunable_parameters` defines the prunable set.
 fn sdk_model(state: &RunState) -> Model {
-    Model::new(ModelView(state.model.clone()))
+    Model::new(ModelView(state.model()))
 }
 
 impl Pruning {
@@ -174,7 +178,10 @@ impl Pruning {
             ScopeChoice::Layer => Scope::Layer,
         };
         if let (Some(d), Scope::Layer) = (target, scope) {
-            for param in sdk_model(&host.0).prunable_parameters() {
+            for param in sdk_model(&host.0)
+                .prunable_parameters()
+                .map_err(sdk_error)?
+            {
                 let n = param.tensor.numel() as i64;
                 if pruned_count(d, n) == n {
                     let key = target_key(p);
@@ -260,7 +267,7 @@ impl Pruning {
                 let batches = scoring_batches(state, self.samples_per_class, self.batches)?;
                 let weights = self.inspect.then(|| {
                     state
-                        .model
+                        .model()
                         .net()
                         .state_dict()
                         .into_iter()
@@ -276,7 +283,7 @@ impl Pruning {
                         })
                         .collect()
                 });
-                let was_training = model.is_training();
+                let was_training = model.is_training().map_err(sdk_error)?;
                 let density = self.target.unwrap_or(1.0);
                 tracing::info!(
                     "pruning with {name} at step {step} to density {density} ({:?} threshold)",
@@ -287,8 +294,8 @@ impl Pruning {
                     scope: self.scope,
                     batches,
                 });
-                model.set_training(was_training);
-                let result = result.map_err(|e| anyhow!(e.message))?;
+                model.set_training(was_training).map_err(sdk_error)?;
+                let result = result.map_err(sdk_error)?;
                 if let (Some(weights), Some(batches)) = (weights, kept_batches) {
                     self.inspection = Some(Inspection {
                         scores: result.scores,
@@ -438,6 +445,7 @@ fn checked_masks(
 ) -> Result<Masks> {
     let prunable: BTreeMap<String, Tensor> = model
         .prunable_parameters()
+        .map_err(sdk_error)?
         .into_iter()
         .map(|p| (p.name, p.tensor))
         .collect();
@@ -475,6 +483,7 @@ fn checked_masks(
     // In the model's registration order, for reports.
     let entries = model
         .prunable_parameters()
+        .map_err(sdk_error)?
         .into_iter()
         .map(|p| {
             let mask = &given[&p.name];
@@ -586,83 +595,6 @@ pub fn density_table(masks: &Masks) -> String {
     out
 }
 
-/// How `trellis prune` was asked to run.
-#[derive(Debug, Clone, Default)]
-pub struct PruneOptions {
-    pub config: PathBuf,
-    pub overrides: Vec<String>,
-    pub manifest: Option<PathBuf>,
-    /// The masks, as safetensors named by parameter.
-    pub out: PathBuf,
-    /// The raw scores the pruner returned.
-    pub scores: Option<PathBuf>,
-    /// The network's variables at the pruning point, before masking (a `model.safetensors`).
-    pub weights: Option<PathBuf>,
-    /// The scoring batches: `inputs`, `targets` and `batch_sizes`.
-    pub batch: Option<PathBuf>,
-}
-
-fn write(path: &Path, tensors: &[(String, Tensor)], what: &str) -> Result<()> {
-    let cpu: Vec<(String, Tensor)> = tensors
-        .iter()
-        .map(|(n, t)| (n.clone(), t.detach().to_device(Device::Cpu).contiguous()))
-        .collect();
-    Tensor::write_safetensors(&cpu, path)
-        .with_context(|| format!("cannot write the {what} to {}", path.display()))
-}
-
-/// `trellis prune`: the run's setup up to its pruning point (training first when `at_step` >
-/// 0), then the masks and, on request, what the pruner was given and returned.
-pub fn prune(opts: &PruneOptions) -> Result<Masks> {
-    let cfg = LoadedConfig::load(&opts.config, &opts.overrides)?;
-    if cfg.config.pruner.is_none() {
-        return Err(cfg.source.error(
-            "`trellis prune` needs a [pruner] table in the config\n  help: add e.g. `[pruner]\\nuse = \"snip\"\\nsparsity = 0.9`",
-        ));
-    }
-    let wants_inspection = opts.scores.is_some() || opts.weights.is_some() || opts.batch.is_some();
-    let mut pruning =
-        crate::train::run_until_pruned(&cfg, opts.manifest.as_deref(), wants_inspection)?;
-    let masks = pruning
-        .masks
-        .take()
-        .ok_or_else(|| anyhow!("internal error: the run stopped before pruning"))?;
-    write(&opts.out, &masks.tensors(), "masks")?;
-    if wants_inspection {
-        let Some(inspection) = pruning.inspection.take() else {
-            bail!("the masks came from a file, so there are no scores, weights or scoring batches to save");
-        };
-        if let Some(path) = &opts.scores {
-            write(path, &inspection.scores, "scores")?;
-        }
-        if let Some(path) = &opts.weights {
-            write(path, &inspection.weights, "weights")?;
-        }
-        if let Some(path) = &opts.batch {
-            let inputs: Vec<&Tensor> = inspection.batches.iter().map(|b| &b.inputs).collect();
-            let targets: Vec<&Tensor> = inspection.batches.iter().map(|b| &b.targets).collect();
-            let sizes: Vec<i64> = inspection
-                .batches
-                .iter()
-                .map(|b| b.targets.size()[0])
-                .collect();
-            write(
-                path,
-                &[
-                    ("inputs".into(), Tensor::cat(&inputs, 0)),
-                    ("targets".into(), Tensor::cat(&targets, 0)),
-                    (
-                        "batch_sizes".into(),
-                        Tensor::from_slice(&sizes).to_kind(Kind::Int64),
-                    ),
-                ],
-                "scoring batches",
-            )?;
-        }
-    }
-    Ok(masks)
-}
-
 #[cfg(test)]
 mod tests {
     use std::rc::Rc;
@@ -671,6 +603,7 @@ mod tests {
     use crate::data::{Dataset, Normalize};
     use crate::models::{Arch, ModelConfig, Network};
     use crate::services::SharedModel;
+    use tch::Kind;
 
     /// An MLP 4 → 4 → 3 (`fc0.weight` 16 weights, `head.weight` 12) on 12 one-channel 2×2
     /// images of 3 classes.
@@ -683,8 +616,7 @@ mod tests {
         let labels: Vec<i64> = (0..12).map(|i| i % 3).collect();
         let images = Tensor::arange(48, (Kind::Uint8, Device::Cpu)).view([12, 1, 2, 2]);
         let data = Dataset::new(images, Tensor::from_slice(&labels), 3).unwrap();
-        RunState::new(
-            SharedModel::new(net),
+        let state = RunState::new(
             3,
             Device::Cpu,
             5,
@@ -694,7 +626,9 @@ mod tests {
             Normalize::identity(),
             None,
             PathBuf::from("."),
-        )
+        );
+        state.set_model(SharedModel::new(net));
+        state
     }
 
     fn ones_masks() -> Vec<(String, Tensor)> {
@@ -777,7 +711,9 @@ mod tests {
         assert!(format!("{e}").contains("kept 13 of 28"), "{e}");
 
         // Weights and gradients of pruned entries go to exactly zero.
-        let weight = model.prunable_parameters()[0].tensor.shallow_clone();
+        let weight = model.prunable_parameters().unwrap()[0]
+            .tensor
+            .shallow_clone();
         let loss = model
             .forward(&Tensor::ones([2, 1, 2, 2], (Kind::Float, Device::Cpu)))
             .unwrap()

@@ -7,11 +7,13 @@ use std::rc::Rc;
 
 use tch::{Device, Tensor};
 use trellis_sdk::{
-    Batch, Error, GroupRate, HostServices, Model, ModelServices, Outputs, Param, Result,
+    Architecture, Batch, Error, GroupRate, Host, HostServices, Model, Normalization, Outputs,
+    Param, Result, Role, StepInfo,
 };
 
 use crate::data::{Dataset, Loader, LoaderOptions, Normalize};
-use crate::models::{ModelConfig, Network};
+use crate::models::{ModelSpec, Network};
+use crate::plugin_host::Registry;
 
 /// A network shared between the trainer and the components that look at it.
 #[derive(Debug)]
@@ -40,7 +42,7 @@ impl SharedModel {
         self.training.set(train)
     }
 
-    pub fn forward(&self, inputs: &Tensor) -> (Tensor, Tensor) {
+    pub fn forward(&self, inputs: &Tensor) -> anyhow::Result<(Tensor, Tensor)> {
         self.net.borrow().forward(inputs, self.training.get())
     }
 }
@@ -48,20 +50,21 @@ impl SharedModel {
 /// The SDK's view of a [`SharedModel`].
 pub struct ModelView(pub Rc<SharedModel>);
 
-impl ModelServices for ModelView {
+impl Architecture for ModelView {
     fn forward(&self, inputs: &Tensor) -> Result<Outputs> {
-        let (logits, features) = self.0.forward(inputs);
+        let (logits, features) = self.0.forward(inputs).map_err(core_error)?;
         Ok(Outputs { logits, features })
     }
 
     fn head(&self, features: &Tensor) -> Result<Tensor> {
-        Ok(self.0.net().head(features))
+        self.0.net().head(features).map_err(core_error)
     }
 
-    fn parameters(&self) -> Vec<Param> {
+    fn parameters(&self) -> Result<Vec<Param>> {
         let net = self.0.net();
         let layers = net.layers();
-        net.parameters()
+        Ok(net
+            .parameters()
             .into_iter()
             .map(|(name, layer, tensor)| Param {
                 name,
@@ -69,39 +72,45 @@ impl ModelServices for ModelView {
                 kind: layers[layer].kind,
                 tensor,
             })
-            .collect()
+            .collect())
     }
 
-    fn buffers(&self) -> Vec<(String, Tensor)> {
-        self.0.net().buffers()
+    fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(self.0.net().buffers())
     }
 
-    fn set_training(&self, train: bool) {
-        self.0.set_training(train)
-    }
-
-    fn is_training(&self) -> bool {
-        self.0.training.get()
-    }
-
-    fn set_double(&self, double: bool) -> Result<()> {
-        let mut net = self.0.net_mut();
-        if double {
-            net.var_store_mut().double();
-        } else {
-            net.var_store_mut().float();
-        }
+    fn set_training(&self, train: bool) -> Result<()> {
+        self.0.set_training(train);
         Ok(())
     }
 
-    fn arch(&self) -> String {
-        toml::to_string(self.0.net().config()).unwrap_or_default()
+    fn is_training(&self) -> Result<bool> {
+        Ok(self.0.training.get())
     }
+
+    fn set_double(&self, double: bool) -> Result<()> {
+        self.0.net_mut().set_double(double).map_err(core_error)
+    }
+
+    fn feature_dim(&self) -> Result<i64> {
+        Ok(self.0.net().feature_dim())
+    }
+
+    fn spec(&self) -> Result<String> {
+        toml::to_string(self.0.net().spec()).map_err(|e| Error::msg(e.to_string()))
+    }
+}
+
+fn core_error(e: anyhow::Error) -> Error {
+    Error::msg(format!("{e:#}"))
 }
 
 /// What the trainer shares with the host services.
 pub struct RunState {
-    pub model: Rc<SharedModel>,
+    /// Set once the model is built; a model component's constructor runs before.
+    model: RefCell<Option<Rc<SharedModel>>>,
+    /// The plugins, for building models a spec names by `use`.
+    pub registry: RefCell<Option<Rc<Registry>>>,
     pub num_classes: i64,
     pub in_channels: i64,
     pub image_size: i64,
@@ -112,6 +121,10 @@ pub struct RunState {
     pub augment: bool,
     pub normalize: Normalize,
     pub rates: RefCell<Vec<GroupRate>>,
+    /// Everything the optimizer steps, by group member name.
+    pub optimized: RefCell<Vec<(String, Tensor)>>,
+    /// Where the loop is, for `Host::progress`.
+    pub progress: Cell<StepInfo>,
     pub run_dir: Option<PathBuf>,
     pub config_dir: PathBuf,
     /// Batches served to components, independent of the training loop's own order.
@@ -122,7 +135,6 @@ pub struct RunState {
 impl RunState {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        model: Rc<SharedModel>,
         num_classes: i64,
         device: Device,
         seed: u64,
@@ -135,7 +147,8 @@ impl RunState {
     ) -> Rc<RunState> {
         let [in_channels, image_size, _] = train_data.image_shape();
         Rc::new(RunState {
-            model,
+            model: RefCell::new(None),
+            registry: RefCell::new(None),
             num_classes,
             in_channels,
             image_size,
@@ -146,11 +159,57 @@ impl RunState {
             augment,
             normalize,
             rates: RefCell::new(Vec::new()),
+            optimized: RefCell::new(Vec::new()),
+            progress: Cell::new(StepInfo::default()),
             run_dir,
             config_dir,
             host_batches: RefCell::new(None),
             host_epoch: Cell::new(0),
         })
+    }
+
+    /// The run's model. Only the model's own construction comes before it is set.
+    pub fn model(&self) -> Rc<SharedModel> {
+        self.model
+            .borrow()
+            .clone()
+            .expect("the run's model is built before anything uses it")
+    }
+
+    pub fn set_model(&self, model: Rc<SharedModel>) {
+        *self.model.borrow_mut() = Some(model);
+    }
+}
+
+/// Builds the network a `[model]` spec describes for this run's data and device: a built-in
+/// architecture, or a plugin's model component created through the registry.
+pub fn build_network(spec: &ModelSpec, host: &RunHost) -> anyhow::Result<Network> {
+    let s = &host.0;
+    match spec {
+        ModelSpec::Builtin(config) => {
+            Network::build(config, s.num_classes, s.in_channels, s.image_size, s.device)
+        }
+        ModelSpec::Plugin(component) => {
+            let registry = s.registry.borrow().clone().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "[model] use = \"{}\" names a plugin's model, but no plugins are loaded",
+                    component.component
+                )
+            })?;
+            let text = crate::config::component_text(&component.options)?;
+            let model = registry
+                .create(
+                    Role::Model,
+                    &component.component,
+                    &text,
+                    Host::new(host.clone()),
+                )?
+                .into_model()
+                .ok_or_else(|| {
+                    anyhow::anyhow!("internal error: a model component of another role")
+                })?;
+            Network::from_plugin(model, spec.clone(), s.device)
+        }
     }
 }
 
@@ -163,12 +222,50 @@ pub struct RunHost(pub Rc<RunState>);
 const HOST_BATCH_STREAM: usize = 1 << 40;
 
 impl HostServices for RunHost {
-    fn model(&self) -> Model {
-        Model::new(ModelView(self.0.model.clone()))
+    fn model(&self) -> Result<Model> {
+        match self.0.model.borrow().clone() {
+            Some(model) => Ok(Model::new(ModelView(model))),
+            None => Err(Error::msg(
+                "the run's model is not built yet: a model component cannot ask for it",
+            )),
+        }
     }
 
     fn num_classes(&self) -> i64 {
         self.0.num_classes
+    }
+
+    fn input_shape(&self) -> [i64; 3] {
+        let s = &self.0;
+        [s.in_channels, s.image_size, s.image_size]
+    }
+
+    fn normalization(&self) -> Normalization {
+        let n = &self.0.normalize;
+        let channels = self.0.in_channels as usize;
+        let per_channel = |values: &[f32], identity: f64| -> Vec<f64> {
+            if values.is_empty() {
+                vec![identity; channels]
+            } else {
+                values.iter().map(|&v| v as f64).collect()
+            }
+        };
+        Normalization {
+            mean: per_channel(&n.mean, 0.0),
+            std: per_channel(&n.std, 1.0),
+        }
+    }
+
+    fn progress(&self) -> StepInfo {
+        self.0.progress.get()
+    }
+
+    fn optimized_parameters(&self) -> Vec<(String, Tensor)> {
+        let params = self.0.optimized.borrow();
+        params
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect()
     }
 
     fn device(&self) -> Device {
@@ -215,20 +312,14 @@ impl HostServices for RunHost {
         }
     }
 
-    fn build_model(&self, spec: &str, checkpoint: &Path) -> Result<Model> {
-        let config: ModelConfig = toml::from_str(spec)
+    fn build_model(&self, spec: &str, checkpoint: Option<&Path>) -> Result<Model> {
+        let spec: ModelSpec = toml::from_str(spec)
             .map_err(|e| Error::msg(format!("invalid model spec: {}", e.message())))?;
-        let s = &self.0;
-        let mut net = Network::build(
-            &config,
-            s.num_classes,
-            s.in_channels,
-            s.image_size,
-            s.device,
-        )
-        .map_err(|e| Error::msg(format!("{e:#}")))?;
-        net.load(checkpoint)
-            .map_err(|e| Error::msg(format!("{e:#}")))?;
+        spec.validate().map_err(core_error)?;
+        let mut net = build_network(&spec, self).map_err(core_error)?;
+        if let Some(checkpoint) = checkpoint {
+            net.load(checkpoint).map_err(core_error)?;
+        }
         Ok(Model::new(ModelView(SharedModel::new(net))))
     }
 

@@ -1,51 +1,26 @@
-//! `trellis run`: the training loop and everything around it (components, checkpoints, logs).
+//! The training loop: a run set up from its config (data, model, components), its epochs and
+//! steps with their events, evaluation, and the state a checkpoint holds. The commands that
+//! drive it are in [`crate::commands`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 use trellis_sdk::{
-    Batch, Boundary, Distiller, EpochInfo, GroupRate, GroupSpec, Host, Metric, Optimizer, Outputs,
-    ParamGroup, Role, SchedulePoint, Scheduler, State,
+    Batch, Boundary, Callback, Distiller, EpochInfo, Events, GroupRate, GroupSpec, Host, Metric,
+    Optimizer, Outputs, ParamGroup, Role, SchedulePoint, Scheduler, State, StepControl, StepInfo,
 };
 
-use crate::checkpoint::{self, TrainingState};
-use crate::config::{component_text, DeviceChoice, LoadedConfig};
+use crate::checkpoint::TrainingState;
+use crate::config::{component_text, DeviceChoice, LoadedConfig, TablePath};
 use crate::data::{self, Dataset, Loader, LoaderOptions, Normalize};
-use crate::models::Network;
+use crate::models::{ModelSpec, Network};
 use crate::plugin_host::{Component, Registry};
-use crate::prune::{self, Masks, Pruning};
-use crate::report::{summary_table, table_map, EpochRecord, MetricsLog, Progress};
-use crate::services::{RunHost, RunState, SharedModel};
-
-/// How `trellis run` was asked to run.
-#[derive(Debug, Clone, Default)]
-pub struct RunOptions {
-    pub config: PathBuf,
-    pub overrides: Vec<String>,
-    /// The run directory; default `runs/<config name>-<unix time>`.
-    pub out: Option<PathBuf>,
-    /// A manifest to use instead of the config's `plugins`.
-    pub manifest: Option<PathBuf>,
-    /// Continue from the run directory's checkpoint.
-    pub resume: bool,
-    /// Stop (with a checkpoint) after this many epochs in total, as if interrupted.
-    pub stop_after: Option<usize>,
-    /// Show a progress bar when stderr is a terminal.
-    pub progress: bool,
-}
-
-#[derive(Debug, Clone)]
-pub struct RunSummary {
-    pub run_dir: PathBuf,
-    pub records: Vec<EpochRecord>,
-    /// Whether every configured epoch ran (not stopped early by `stop_after`).
-    pub finished: bool,
-}
+use crate::prune::{Masks, Pruning};
+use crate::report::Progress;
+use crate::services::{build_network, RunHost, RunState, SharedModel};
 
 pub fn resolve_device(choice: DeviceChoice) -> Result<Device> {
     Ok(match choice {
@@ -63,20 +38,23 @@ pub fn resolve_device(choice: DeviceChoice) -> Result<Device> {
     })
 }
 
+/// A callback and the events it asked for (asked once, so an event nobody wants costs nothing).
+pub struct Hooked {
+    pub callback: Box<dyn Callback>,
+    pub events: Events,
+}
+
 /// The components of a run, created from the config.
 pub struct Components {
     pub optimizer: Box<dyn Optimizer>,
     pub scheduler: Option<Box<dyn Scheduler>>,
     pub distillers: Vec<Box<dyn Distiller>>,
     pub metrics: Vec<Box<dyn Metric>>,
+    pub callbacks: Vec<Hooked>,
 }
 
-/// Loads the manifest and creates every component the config names.
-pub fn create_components(
-    cfg: &LoadedConfig,
-    manifest: Option<&Path>,
-    host: &RunHost,
-) -> Result<(Registry, Components)> {
+/// Loads the plugin manifest the config (or `--manifest`) names.
+pub fn load_registry(cfg: &LoadedConfig, manifest: Option<&Path>) -> Result<Registry> {
     let manifest = match manifest {
         Some(m) => m.to_path_buf(),
         None => match &cfg.config.plugins {
@@ -89,16 +67,45 @@ pub fn create_components(
             }
         },
     };
-    let registry = Registry::load(&manifest)
-        .with_context(|| format!("while loading the plugins of {}", cfg.source.path.display()))?;
+    Registry::load(&manifest)
+        .with_context(|| format!("while loading the plugins of {}", cfg.source.path.display()))
+}
+
+/// Builds the run's network, pointing errors at `[model]`.
+fn build_model(cfg: &LoadedConfig, registry: &Registry, host: &RunHost) -> Result<Network> {
+    let spec = &cfg.config.model;
+    if let ModelSpec::Plugin(m) = spec {
+        if !registry.provides(Role::Model, &m.component) {
+            return Err(cfg.use_error(
+                &TablePath::Model,
+                &registry.unknown(Role::Model, &m.component),
+            ));
+        }
+    }
+    build_network(spec, host).map_err(|e| match spec {
+        ModelSpec::Plugin(_) => cfg.component_error(&TablePath::Model, e),
+        ModelSpec::Builtin(_) => {
+            cfg.error_at(&[crate::source::Seg::Key("model")], &format!("{e:#}"), None)
+        }
+    })
+}
+
+/// Creates every component the config names, except the model (built first) and the pruner
+/// (created when pruning happens, in [`crate::prune`]).
+pub fn create_components(
+    cfg: &LoadedConfig,
+    registry: &Registry,
+    host: &RunHost,
+) -> Result<Components> {
     let mut optimizer = None;
     let mut scheduler = None;
     let mut distillers = Vec::new();
     let mut metrics = Vec::new();
+    let mut callbacks = Vec::new();
     for (table, name, options) in cfg.components() {
         let role = table.role();
-        if role == Role::Pruner {
-            continue; // created when pruning happens (crate::prune)
+        if matches!(role, Role::Pruner | Role::Model) {
+            continue;
         }
         if !registry.provides(role, name) {
             return Err(cfg.use_error(&table, &registry.unknown(role, name)));
@@ -112,61 +119,26 @@ pub fn create_components(
             Component::Scheduler(_) => scheduler = component.into_scheduler(),
             Component::Distiller(_) => distillers.extend(component.into_distiller()),
             Component::Metric(_) => metrics.extend(component.into_metric()),
-            Component::Pruner(_) => {}
+            Component::Callback(_) => {
+                let callback = component.into_callback().expect("matched a callback");
+                let events = callback.events();
+                callbacks.push(Hooked { callback, events });
+            }
+            Component::Pruner(_) | Component::Model(_) => {}
         }
     }
     let optimizer = optimizer.ok_or_else(|| anyhow!("no optimizer was created"))?;
-    Ok((
-        registry,
-        Components {
-            optimizer,
-            scheduler,
-            distillers,
-            metrics,
-        },
-    ))
+    Ok(Components {
+        optimizer,
+        scheduler,
+        distillers,
+        metrics,
+        callbacks,
+    })
 }
 
 fn sdk_error(e: trellis_sdk::Error) -> anyhow::Error {
     anyhow!(e.message)
-}
-
-#[derive(Serialize)]
-struct PluginRecord<'a> {
-    name: &'a str,
-    version: &'a str,
-    path: String,
-    sha256: &'a str,
-    components: Vec<String>,
-}
-
-fn default_run_dir(config: &Path) -> PathBuf {
-    let stem = config
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "run".into());
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    PathBuf::from("runs").join(format!("{stem}-{secs}"))
-}
-
-/// The resolved config: every default filled in and paths made absolute, so the file in the
-/// run directory re-runs the same run from anywhere.
-fn resolved_config(cfg: &LoadedConfig) -> Result<String> {
-    let mut config = cfg.config.clone();
-    if let Some(p) = &config.plugins {
-        config.plugins = Some(absolute(&cfg.resolve(p)));
-    }
-    if let Some(p) = &config.data.path {
-        config.data.path = Some(absolute(&cfg.resolve(p)));
-    }
-    Ok(toml::to_string(&config)?)
-}
-
-fn absolute(p: &Path) -> PathBuf {
-    p.canonicalize().unwrap_or_else(|_| p.to_path_buf())
 }
 
 /// Parameter groups: the scheduler's (if any), `rest` for parameters it left out, and one group
@@ -237,31 +209,54 @@ fn build_groups(
     Ok(groups)
 }
 
+/// The loss the host trains on without distillers: cross-entropy against class indices
+/// (`[B]`, int64) or against soft, per-class probabilities (`[B, classes]`, float) that a
+/// callback made (mixup, label smoothing).
+pub fn task_loss(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if targets.dim() == 2 {
+        if targets.size() != logits.size() {
+            bail!(
+                "soft targets of shape {:?} do not match the logits {:?}\n  help: a callback's batch \
+                 must keep one row per image and one column per class",
+                targets.size(),
+                logits.size()
+            );
+        }
+        let kind = logits.kind();
+        let log_probs = logits.log_softmax(-1, kind);
+        return Ok(-(targets.to_kind(kind) * log_probs)
+            .sum_dim_intlist(-1, false, kind)
+            .mean(kind));
+    }
+    Ok(logits.cross_entropy_for_logits(targets))
+}
+
 /// The loop's state between steps.
-struct Trainer<'a> {
-    cfg: &'a LoadedConfig,
+pub(crate) struct Trainer<'a> {
+    pub(crate) cfg: &'a LoadedConfig,
     state: Rc<RunState>,
+    pub(crate) model: Rc<SharedModel>,
     components: Components,
-    groups: Vec<(String, Vec<String>)>,
+    pub(crate) groups: Vec<(String, Vec<String>)>,
     /// How many leading groups belong to the scheduler.
     scheduled_groups: usize,
-    rates: Vec<f64>,
+    pub(crate) rates: Vec<f64>,
     all_params: Vec<Tensor>,
     distiller_params: Vec<(String, Vec<(String, Tensor)>)>,
-    steps_per_epoch: u64,
-    step: u64,
+    pub(crate) steps_per_epoch: u64,
+    pub(crate) step: u64,
     /// The training set where the loader reads it: on the GPU for a GPU run, uploaded once.
     loader_data: Rc<Dataset>,
     /// The next epoch's loader, started before evaluation.
     next_loader: Option<(usize, Loader)>,
-    pruning: Option<Pruning>,
+    pub(crate) pruning: Option<Pruning>,
     /// `trellis prune`: end the epoch as soon as the masks are in force.
-    stop_when_pruned: bool,
+    pub(crate) stop_when_pruned: bool,
 }
 
 impl Trainer<'_> {
     /// Prunes if the plan says so before training step `self.step`.
-    fn prune_if_due(&mut self) -> Result<()> {
+    pub(crate) fn prune_if_due(&mut self) -> Result<()> {
         if let Some(p) = &mut self.pruning {
             if p.due(self.step) {
                 p.prune(&self.state, self.step)?;
@@ -270,7 +265,7 @@ impl Trainer<'_> {
         Ok(())
     }
 
-    fn masks(&self) -> Option<&Masks> {
+    pub(crate) fn masks(&self) -> Option<&Masks> {
         self.pruning.as_ref().and_then(|p| p.masks.as_ref())
     }
 
@@ -343,26 +338,29 @@ impl Trainer<'_> {
     }
 
     /// One training epoch; returns the mean training loss and the data-wait count.
-    fn train_epoch(&mut self, epoch: usize, progress: &mut Progress) -> Result<(f64, usize)> {
+    pub(crate) fn train_epoch(
+        &mut self,
+        epoch: usize,
+        progress: &mut Progress,
+    ) -> Result<(f64, usize)> {
         let c = &self.cfg.config;
         let per_step = self.components.scheduler.is_some()
             || c.schedule.granularity() == crate::schedule::Granularity::Step
             || c.schedule.warmup_epochs > 0;
         self.update_rates(Boundary::EpochStart, epoch)?;
-        self.state.model.set_training(true);
+        self.model.set_training(true);
         for d in &mut self.components.distillers {
-            d.set_training(true);
+            d.set_training(true).map_err(sdk_error)?;
         }
         let mut loader = match self.next_loader.take() {
             Some((e, loader)) if e == epoch => loader,
             _ => self.train_loader(epoch),
         };
         progress.start_epoch(epoch + 1, c.train.epochs, self.steps_per_epoch);
-        let replace_task_loss = self
-            .components
-            .distillers
-            .iter()
-            .any(|d| d.replaces_task_loss());
+        let mut replace_task_loss = false;
+        for d in &self.components.distillers {
+            replace_task_loss |= d.replaces_task_loss().map_err(sdk_error)?;
+        }
         // Accumulated on the device and read once per log interval: no sync per step.
         let mut loss_sum = Tensor::zeros([], (Kind::Double, self.state.device));
         let mut samples = 0i64;
@@ -385,40 +383,31 @@ impl Trainer<'_> {
             if per_step && i > 0 {
                 self.update_rates(Boundary::Step, epoch)?;
             }
-            let batch = Batch {
+            let at = self.step_info(epoch);
+            self.state.progress.set(at);
+            let mut batch = Batch {
                 inputs: batch.inputs,
                 targets: batch.targets,
             };
-            let (logits, features) = crate::models::autocast(c.train.autocast.kind(), || {
-                self.state.model.forward(&batch.inputs)
-            });
-            let mut loss = if replace_task_loss {
-                Tensor::zeros([], (Kind::Float, self.state.device))
-            } else {
-                logits.cross_entropy_for_logits(&batch.targets)
-            };
-            if !self.components.distillers.is_empty() {
-                let outputs = Outputs { logits, features };
-                for d in &mut self.components.distillers {
-                    for (_, term) in d.loss(&batch, &outputs).map_err(sdk_error)? {
-                        loss = &loss + term;
-                    }
-                }
+            for h in self.callbacks_for(Events::BATCH_START) {
+                batch = h.callback.batch_start(batch, at).map_err(sdk_error)?;
             }
-            self.zero_grad();
-            loss.backward();
-            if let Some(masks) = self.masks() {
-                masks.mask_gradients();
+            let loss = self.forward_backward(&batch, replace_task_loss, at)?;
+            for h in self.callbacks_for(Events::AFTER_BACKWARD) {
+                h.callback.after_backward(at).map_err(sdk_error)?;
             }
-            self.components.optimizer.step().map_err(sdk_error)?;
+            self.optimizer_step(&batch, replace_task_loss, at)?;
             // Momentum and weight decay move pruned weights off zero; put them back.
             if let Some(masks) = self.masks() {
                 masks.apply();
             }
+            for h in self.callbacks_for(Events::AFTER_STEP) {
+                h.callback.after_step(at).map_err(sdk_error)?;
+            }
             self.step += 1;
             let n = batch.targets.size()[0];
             samples += n;
-            loss_sum += loss.detach().to_kind(Kind::Double) * n as f64;
+            loss_sum += loss.to_kind(Kind::Double) * n as f64;
             progress.step();
             since_check += 1;
             if since_check == 50 {
@@ -431,7 +420,117 @@ impl Trainer<'_> {
         progress.finish_epoch();
         let mean = loss_sum.double_value(&[]) / samples.max(1) as f64;
         check_finite(mean, epoch, self.step)?;
+        if !self.stop_when_pruned {
+            let info = self.epoch_info(epoch + 1);
+            for h in self.callbacks_for(Events::EPOCH_END) {
+                h.callback.epoch_end(info).map_err(sdk_error)?;
+            }
+        }
         Ok((mean, loader.waits()))
+    }
+
+    fn step_info(&self, epoch: usize) -> StepInfo {
+        StepInfo {
+            epoch: epoch as u64,
+            epochs: self.cfg.config.train.epochs as u64,
+            step: self.step,
+            steps_per_epoch: self.steps_per_epoch,
+        }
+    }
+
+    fn epoch_info(&self, done: usize) -> EpochInfo {
+        EpochInfo {
+            epoch: done as u64,
+            epochs: self.cfg.config.train.epochs as u64,
+            step: self.step,
+        }
+    }
+
+    /// The callbacks that asked for `event`, in config order.
+    fn callbacks_for(&mut self, event: Events) -> impl Iterator<Item = &mut Hooked> {
+        self.components
+            .callbacks
+            .iter_mut()
+            .filter(move |h| h.events.contains(event))
+    }
+
+    /// Forward, loss (task, distillers' terms, callbacks' terms), backward and the masks on the
+    /// gradients. Returns the loss, detached.
+    fn forward_backward(
+        &mut self,
+        batch: &Batch,
+        replace_task_loss: bool,
+        at: StepInfo,
+    ) -> Result<Tensor> {
+        let autocast = self.cfg.config.train.autocast.kind();
+        let model = &self.model;
+        let (logits, features) =
+            crate::models::autocast(autocast, || model.forward(&batch.inputs))?;
+        let mut loss = if replace_task_loss {
+            Tensor::zeros([], (Kind::Float, self.state.device))
+        } else {
+            task_loss(&logits, &batch.targets)?
+        };
+        let wants_outputs = !self.components.distillers.is_empty()
+            || self
+                .components
+                .callbacks
+                .iter()
+                .any(|h| h.events.contains(Events::AFTER_LOSS));
+        if wants_outputs {
+            let outputs = Outputs { logits, features };
+            for d in &mut self.components.distillers {
+                for (_, term) in d.loss(batch, &outputs).map_err(sdk_error)? {
+                    loss = &loss + term;
+                }
+            }
+            for h in self.callbacks_for(Events::AFTER_LOSS) {
+                let terms = h
+                    .callback
+                    .after_loss(batch, &outputs, &loss, at)
+                    .map_err(sdk_error)?;
+                for (_, term) in terms {
+                    loss = &loss + term;
+                }
+            }
+        }
+        self.zero_grad();
+        loss.backward();
+        if let Some(masks) = self.masks() {
+            masks.mask_gradients();
+        }
+        Ok(loss.detach())
+    }
+
+    /// The optimizer's step, unless a callback takes it over. The callback stepping is out of
+    /// the list while it runs, so the passes it asks for see the others' loss terms, not its own.
+    fn optimizer_step(
+        &mut self,
+        batch: &Batch,
+        replace_task_loss: bool,
+        at: StepInfo,
+    ) -> Result<()> {
+        for i in 0..self.components.callbacks.len() {
+            if !self.components.callbacks[i]
+                .events
+                .contains(Events::OPTIMIZER_STEP)
+            {
+                continue;
+            }
+            let mut hooked = self.components.callbacks.remove(i);
+            let mut control = HostStep {
+                trainer: self,
+                batch,
+                replace_task_loss,
+                at,
+            };
+            let took_over = hooked.callback.optimizer_step(&mut control, at);
+            self.components.callbacks.insert(i, hooked);
+            if took_over.map_err(sdk_error)? {
+                return Ok(());
+            }
+        }
+        self.components.optimizer.step().map_err(sdk_error)
     }
 
     fn train_loader(&self, epoch: usize) -> Loader {
@@ -451,20 +550,25 @@ impl Trainer<'_> {
         )
     }
 
-    fn evaluate(
+    pub(crate) fn evaluate(
         &mut self,
         test: &Rc<Dataset>,
         info: EpochInfo,
     ) -> Result<(BTreeMap<String, f64>, Vec<trellis_sdk::Table>)> {
         let c = &self.cfg.config;
-        self.state.model.set_training(false);
+        self.model.set_training(false);
         for d in &mut self.components.distillers {
-            d.set_training(false);
+            d.set_training(false).map_err(sdk_error)?;
         }
+        for h in self.callbacks_for(Events::EVAL) {
+            h.callback.eval_start(info).map_err(sdk_error)?;
+        }
+        let mut wants_batches = Vec::new();
         for m in &mut self.components.metrics {
             m.reset().map_err(sdk_error)?;
+            wants_batches.push(m.wants_batches().map_err(sdk_error)?);
         }
-        if self.components.metrics.iter().any(|m| m.wants_batches()) {
+        if wants_batches.contains(&true) {
             let _no_grad = tch::no_grad_guard();
             let loader = Loader::new(
                 test.clone(),
@@ -480,20 +584,17 @@ impl Trainer<'_> {
                 },
             );
             for batch in loader {
+                let model = &self.model;
                 let (logits, features) = crate::models::autocast(c.train.autocast.kind(), || {
-                    self.state.model.forward(&batch.inputs)
-                });
+                    model.forward(&batch.inputs)
+                })?;
                 let batch = Batch {
                     inputs: batch.inputs,
                     targets: batch.targets,
                 };
                 let outputs = Outputs { logits, features };
-                for m in self
-                    .components
-                    .metrics
-                    .iter_mut()
-                    .filter(|m| m.wants_batches())
-                {
+                let metrics = self.components.metrics.iter_mut().zip(&wants_batches);
+                for (m, _) in metrics.filter(|(_, wants)| **wants) {
                     m.update(&batch, &outputs).map_err(sdk_error)?;
                 }
             }
@@ -505,10 +606,13 @@ impl Trainer<'_> {
             scalars.extend(values.scalars);
             tables.extend(values.tables);
         }
+        for h in self.callbacks_for(Events::EVAL) {
+            h.callback.eval_end(info).map_err(sdk_error)?;
+        }
         Ok((scalars, tables))
     }
 
-    fn training_state(&self, epoch: usize) -> Result<TrainingState> {
+    pub(crate) fn training_state(&self, epoch: usize) -> Result<TrainingState> {
         let mut parts = BTreeMap::new();
         let state_of = |s: State| (s.tensors, s.meta);
         parts.insert(
@@ -525,6 +629,12 @@ impl Trainer<'_> {
             parts.insert(
                 format!("distiller.{i}"),
                 state_of(d.state().map_err(sdk_error)?),
+            );
+        }
+        for (i, h) in self.components.callbacks.iter().enumerate() {
+            parts.insert(
+                format!("callback.{i}"),
+                state_of(h.callback.state().map_err(sdk_error)?),
             );
         }
         for (owner, params) in &self.distiller_params {
@@ -544,7 +654,7 @@ impl Trainer<'_> {
         })
     }
 
-    fn restore(&mut self, mut state: TrainingState) -> Result<()> {
+    pub(crate) fn restore(&mut self, mut state: TrainingState) -> Result<()> {
         let mut take = |key: &str| {
             state
                 .parts
@@ -561,6 +671,11 @@ impl Trainer<'_> {
         }
         for (i, d) in self.components.distillers.iter_mut().enumerate() {
             d.load_state(take(&format!("distiller.{i}")))
+                .map_err(sdk_error)?;
+        }
+        for (i, h) in self.components.callbacks.iter_mut().enumerate() {
+            h.callback
+                .load_state(take(&format!("callback.{i}")))
                 .map_err(sdk_error)?;
         }
         for (owner, params) in &self.distiller_params {
@@ -610,20 +725,31 @@ fn check_finite(loss: f64, epoch: usize, step: u64) -> Result<()> {
 
 /// A run set up to its first step: data, model, components and the loop's state. `trellis run`
 /// trains it; `trellis prune` takes it only as far as its pruning point.
-struct Prepared<'a> {
-    trainer: Trainer<'a>,
-    registry: Registry,
+pub(crate) struct Prepared<'a> {
+    pub(crate) trainer: Trainer<'a>,
+    pub(crate) registry: Rc<Registry>,
+    pub(crate) model: Rc<SharedModel>,
+    pub(crate) train_data: Rc<Dataset>,
+    pub(crate) test_data: Rc<Dataset>,
+    pub(crate) device: Device,
+}
+
+/// A run's data, host and model, before any other component exists.
+struct ModelSetup {
+    state: Rc<RunState>,
+    host: RunHost,
+    registry: Rc<Registry>,
     model: Rc<SharedModel>,
     train_data: Rc<Dataset>,
     test_data: Rc<Dataset>,
     device: Device,
 }
 
-fn prepare<'a>(
-    cfg: &'a LoadedConfig,
+fn setup_model(
+    cfg: &LoadedConfig,
     manifest: Option<&Path>,
     run_dir: Option<PathBuf>,
-) -> Result<Prepared<'a>> {
+) -> Result<ModelSetup> {
     let c = &cfg.config;
     if c.train.threads > 0 {
         tch::set_num_threads(c.train.threads as i32);
@@ -634,14 +760,9 @@ fn prepare<'a>(
     let splits = data::load(&c.data, &cfg.dir(), c.train.seed)?;
     let normalize: Normalize = splits.normalize();
     let num_classes = splits.train.num_classes;
-    let [in_channels, image_size, _] = splits.train.image_shape();
     let train_data = Rc::new(splits.train);
     let test_data = Rc::new(splits.test);
-    let net = Network::build(&c.model, num_classes, in_channels, image_size, device)
-        .map_err(|e| cfg.error_at(&[crate::source::Seg::Key("model")], &format!("{e:#}"), None))?;
-    let model = SharedModel::new(net);
     let state = RunState::new(
-        model.clone(),
         num_classes,
         device,
         c.train.seed,
@@ -653,7 +774,46 @@ fn prepare<'a>(
         cfg.dir(),
     );
     let host = RunHost(state.clone());
-    let (registry, mut components) = create_components(cfg, manifest, &host)?;
+    let registry = Rc::new(load_registry(cfg, manifest)?);
+    *state.registry.borrow_mut() = Some(registry.clone());
+    let model = SharedModel::new(build_model(cfg, &registry, &host)?);
+    state.set_model(model.clone());
+    Ok(ModelSetup {
+        state,
+        host,
+        registry,
+        model,
+        train_data,
+        test_data,
+        device,
+    })
+}
+
+/// The network a run config describes, as initialised (plugin models through their plugins),
+/// for loading a saved `model.safetensors` into.
+pub(crate) fn build_run_model(
+    cfg: &LoadedConfig,
+    manifest: Option<&Path>,
+) -> Result<Rc<SharedModel>> {
+    Ok(setup_model(cfg, manifest, None)?.model)
+}
+
+pub(crate) fn prepare<'a>(
+    cfg: &'a LoadedConfig,
+    manifest: Option<&Path>,
+    run_dir: Option<PathBuf>,
+) -> Result<Prepared<'a>> {
+    let c = &cfg.config;
+    let ModelSetup {
+        state,
+        host,
+        registry,
+        model,
+        train_data,
+        test_data,
+        device,
+    } = setup_model(cfg, manifest, run_dir)?;
+    let mut components = create_components(cfg, &registry, &host)?;
 
     // Parameter groups.
     let specs = match &mut components.scheduler {
@@ -686,6 +846,10 @@ fn prepare<'a>(
         .iter()
         .flat_map(|g| g.params.iter().map(|(_, t)| t.shallow_clone()))
         .collect();
+    *state.optimized.borrow_mut() = groups
+        .iter()
+        .flat_map(|g| g.params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())))
+        .collect();
     let initial_rates: Vec<f64> = groups.iter().map(|g| g.lr).collect();
     components
         .optimizer
@@ -706,6 +870,7 @@ fn prepare<'a>(
     let trainer = Trainer {
         cfg,
         state,
+        model: model.clone(),
         components,
         groups: group_names,
         scheduled_groups,
@@ -738,195 +903,29 @@ fn resident(data: &Rc<Dataset>, device: Device) -> Rc<Dataset> {
     }
 }
 
-/// `trellis prune`'s run: set up exactly as `trellis run` would, trained up to the pruning point
-/// (not at all for `at_step = 0`), pruned, and stopped. Returns the pruning with its masks.
-pub(crate) fn run_until_pruned(
-    cfg: &LoadedConfig,
-    manifest: Option<&Path>,
-    inspect: bool,
-) -> Result<Pruning> {
-    let Prepared { mut trainer, .. } = prepare(cfg, manifest, None)?;
-    let Some(pruning) = &mut trainer.pruning else {
-        bail!("the config has no [pruner] table");
-    };
-    pruning.inspect = inspect;
-    if pruning.at_step > 0 {
-        tracing::info!("training {} steps before pruning", pruning.at_step);
-    }
-    trainer.stop_when_pruned = true;
-    trainer.prune_if_due()?;
-    let mut progress = Progress::new(false);
-    let mut epoch = 0;
-    while trainer.masks().is_none() {
-        trainer.train_epoch(epoch, &mut progress)?;
-        epoch += 1;
-    }
-    trainer
-        .pruning
-        .take()
-        .ok_or_else(|| anyhow!("internal error: the pruning vanished"))
+/// What a callback that takes over the optimizer step drives: passes over the step's batch, and
+/// the configured optimizer.
+struct HostStep<'t, 'a> {
+    trainer: &'t mut Trainer<'a>,
+    batch: &'t Batch,
+    replace_task_loss: bool,
+    at: StepInfo,
 }
 
-/// Runs one config end to end.
-pub fn run(opts: &RunOptions) -> Result<RunSummary> {
-    let cfg = LoadedConfig::load(&opts.config, &opts.overrides)?;
-    let c = &cfg.config;
-    // Before the run directory exists, so a bad device leaves nothing behind.
-    resolve_device(c.train.device)?;
-
-    let run_dir = opts
-        .out
-        .clone()
-        .unwrap_or_else(|| default_run_dir(&opts.config));
-    if opts.resume && !checkpoint::exists(&run_dir) {
-        bail!(
-            "--resume: {} has no checkpoint to continue from\n  help: run without --resume to start it",
-            run_dir.display()
-        );
-    }
-    if !opts.resume && run_dir.join("metrics.jsonl").exists() {
-        bail!(
-            "{} already holds a run\n  help: pass --resume to continue it, or choose another --out",
-            run_dir.display()
-        );
-    }
-    std::fs::create_dir_all(&run_dir)
-        .with_context(|| format!("cannot create {}", run_dir.display()))?;
-
-    let Prepared {
-        mut trainer,
-        registry,
-        model,
-        train_data,
-        test_data,
-        device,
-    } = prepare(&cfg, opts.manifest.as_deref(), Some(run_dir.clone()))?;
-
-    std::fs::write(run_dir.join("config.toml"), resolved_config(&cfg)?)?;
-    let used: Vec<(Role, &str)> = cfg
-        .components()
-        .iter()
-        .map(|(t, n, _)| (t.role(), *n))
-        .collect();
-    let plugin_records: Vec<PluginRecord<'_>> = registry
-        .libraries
-        .iter()
-        .map(|l| PluginRecord {
-            name: &l.info.name,
-            version: &l.info.version,
-            path: l.path.display().to_string(),
-            sha256: &l.sha256,
-            components: l
-                .info
-                .components
-                .iter()
-                .filter(|comp| used.iter().any(|(r, n)| *r == comp.role && *n == comp.name))
-                .map(|comp| format!("{} {}", comp.role, comp.name))
-                .collect(),
-        })
-        .collect();
-    std::fs::write(
-        run_dir.join("plugins.json"),
-        serde_json::to_string_pretty(&plugin_records)?,
-    )?;
-
-    let mut start_epoch = 0;
-    if opts.resume {
-        let (model_file, saved) = checkpoint::load(&run_dir)?;
-        model.net_mut().load(&model_file)?;
-        start_epoch = saved.epoch;
-        trainer.restore(saved)?;
-        tracing::info!("resuming {} after epoch {start_epoch}", run_dir.display());
-    }
-    trainer.prune_if_due()?;
-    let (log, mut records) = MetricsLog::open(&run_dir, start_epoch)?;
-
-    tracing::info!(
-        "training {} ({} parameters) on {} {:?} images for {} epochs, {} steps each, on {:?}; writing {}",
-        c.model.arch,
-        model.net().num_parameters(),
-        train_data.len(),
-        c.data.source,
-        c.train.epochs,
-        trainer.steps_per_epoch,
-        device,
-        run_dir.display()
-    );
-    let mut progress = Progress::new(opts.progress);
-    let started = Instant::now();
-    let epochs = c.train.epochs;
-    let last_epoch = opts.stop_after.map_or(epochs, |s| s.min(epochs));
-    for epoch in start_epoch..last_epoch {
-        let epoch_started = Instant::now();
-        let (train_loss, data_waits) = trainer.train_epoch(epoch, &mut progress)?;
-        let train_seconds = epoch_started.elapsed().as_secs_f64();
-        let done = epoch + 1;
-        let info = EpochInfo {
-            epoch: done as u64,
-            epochs: epochs as u64,
-            step: trainer.step,
-        };
-        let (test, mut tables) = if done % c.train.eval_every == 0 || done == epochs {
-            trainer.evaluate(&test_data, info)?
-        } else {
-            Default::default()
-        };
-        if let Some(p) = &mut trainer.pruning {
-            tables.extend(p.take_tables());
+impl StepControl for HostStep<'_, '_> {
+    fn recompute(&mut self) -> trellis_sdk::Result<f64> {
+        let trainer = &mut *self.trainer;
+        let loss = trainer
+            .forward_backward(self.batch, self.replace_task_loss, self.at)
+            .map_err(|e| trellis_sdk::Error::msg(format!("{e:#}")))?;
+        // The gradients the step will use get what every gradient gets (clipping, say).
+        for h in trainer.callbacks_for(Events::AFTER_BACKWARD) {
+            h.callback.after_backward(self.at)?;
         }
-        let record = EpochRecord {
-            epoch: done,
-            step: trainer.step,
-            train_loss,
-            test,
-            tables: table_map(&tables),
-            lr: trainer
-                .groups
-                .iter()
-                .zip(&trainer.rates)
-                .map(|((name, _), lr)| (name.clone(), *lr))
-                .collect(),
-            data_waits,
-            train_seconds,
-            epoch_seconds: epoch_started.elapsed().as_secs_f64(),
-            elapsed_seconds: started.elapsed().as_secs_f64(),
-        };
-        log.append(&record)?;
-        let shown: Vec<String> = record
-            .test
-            .iter()
-            .map(|(k, v)| format!("{k} {v:.3}"))
-            .collect();
-        tracing::info!(
-            "epoch {done}/{epochs}: train loss {train_loss:.4}{}{} ({:.1}s)",
-            if shown.is_empty() { "" } else { ", " },
-            shown.join(", "),
-            record.epoch_seconds
-        );
-        records.push(record);
-        if done % c.train.checkpoint_every == 0 || done == epochs || done == last_epoch {
-            let state = trainer.training_state(done)?;
-            checkpoint::save(&run_dir, &model.net().state_dict(), &state)?;
-        }
+        Ok(loss.double_value(&[]))
     }
-    let finished = last_epoch == epochs;
-    if finished {
-        model.net().save(&run_dir.join("model.safetensors"))?;
-    } else {
-        tracing::info!(
-            "stopped after epoch {last_epoch} of {epochs}; continue with `trellis run {} --out {} --resume`",
-            opts.config.display(),
-            run_dir.display()
-        );
+
+    fn base_step(&mut self) -> trellis_sdk::Result<()> {
+        self.trainer.components.optimizer.step()
     }
-    println!("\n{}", summary_table(&records));
-    if let Some(masks) = trainer.masks() {
-        println!("{}", prune::density_table(masks));
-    }
-    println!("run directory: {}", run_dir.display());
-    Ok(RunSummary {
-        run_dir,
-        records,
-        finished,
-    })
 }

@@ -12,15 +12,16 @@
 
 use abi_stable::library::RootModule;
 use abi_stable::sabi_trait;
+use abi_stable::sabi_types::RMut;
 use abi_stable::sabi_types::VersionStrings;
-use abi_stable::std_types::{RBox, ROption, RResult, RSlice, RStr, RString, RVec};
+use abi_stable::std_types::{RBox, ROption, RResult, RSlice, RStr, RString, RVec, Tuple2};
 use abi_stable::{declare_root_module_statics, package_version_strings, StableAbi};
 
 use crate::tensor::{TensorHandle, TensorRef};
 
 /// Bumped on every change to this module. The host reads it through a plain exported symbol
 /// before touching anything else, so a mismatch is reported as such rather than as a layout error.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// The exported symbol holding the plugin's [`ABI_VERSION`].
 pub const ABI_VERSION_SYMBOL: &[u8] = b"TRELLIS_SDK_ABI_VERSION\0";
@@ -34,15 +35,22 @@ pub enum Role {
     Pruner,
     Distiller,
     Metric,
+    /// An architecture: `[model] use = "name"`.
+    Model,
+    /// Receives the run's events (`[[callbacks]]`) and may act on them.
+    Callback,
 }
 
 impl Role {
-    pub const ALL: [Role; 5] = [
+    /// Every role, in the order `trellis plugins` lists them.
+    pub const ALL: [Role; 7] = [
+        Role::Model,
         Role::Optimizer,
         Role::Scheduler,
         Role::Pruner,
         Role::Distiller,
         Role::Metric,
+        Role::Callback,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -52,6 +60,8 @@ impl Role {
             Role::Pruner => "pruner",
             Role::Distiller => "distiller",
             Role::Metric => "metric",
+            Role::Model => "model",
+            Role::Callback => "callback",
         }
     }
 }
@@ -292,21 +302,45 @@ pub struct FfiEpochInfo {
     pub step: u64,
 }
 
-/// A model the host owns: the run's student, or one built from a spec and checkpoint.
+/// Where the run is: the training loop's position when a component asks or is called.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FfiStepInfo {
+    /// Epochs completed so far (0 during the first epoch).
+    pub epoch: u64,
+    pub epochs: u64,
+    /// Optimizer steps completed so far in the run.
+    pub step: u64,
+    pub steps_per_epoch: u64,
+}
+
+/// The normalisation the host applies to images before a model sees them.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone)]
+pub struct FfiNormalization {
+    pub mean: RVec<f64>,
+    pub std: RVec<f64>,
+}
+
+/// A model: the host's (the run's student, or one built from a spec) or a plugin's architecture.
+/// Both sides implement the same interface, so a plugin model is used exactly like a built-in one.
 #[sabi_trait]
 pub trait FfiModel {
     /// Logits and the pooled features, in the model's current train/eval mode.
     fn forward(&self, inputs: TensorRef<'_>) -> FfiResult<FfiOutputs>;
     /// The classifier head alone applied to features.
     fn head(&self, features: TensorRef<'_>) -> FfiResult<TensorHandle>;
-    fn parameters(&self) -> RVec<FfiParam>;
-    fn buffers(&self) -> RVec<FfiNamedTensor>;
-    fn set_training(&self, train: bool);
-    fn is_training(&self) -> bool;
+    fn parameters(&self) -> FfiResult<RVec<FfiParam>>;
+    fn buffers(&self) -> FfiResult<RVec<FfiNamedTensor>>;
+    fn set_training(&self, train: bool) -> FfiResult<()>;
+    fn is_training(&self) -> FfiResult<bool>;
     /// Switches every parameter and buffer to float64 (`true`) or float32 (`false`) in place.
     fn set_double(&self, double: bool) -> FfiResult<()>;
+    /// The width of the pooled features the head takes.
+    fn feature_dim(&self) -> FfiResult<i64>;
+    /// The model's `[model]` spec as TOML, which `build_model` turns back into the same model.
     #[sabi(last_prefix_field)]
-    fn arch(&self) -> RString;
+    fn spec(&self) -> FfiResult<RString>;
 }
 
 pub type FfiModelBox = FfiModel_TO<'static, RBox<()>>;
@@ -314,17 +348,28 @@ pub type FfiModelBox = FfiModel_TO<'static, RBox<()>>;
 /// Services the host offers to the components it creates.
 #[sabi_trait]
 pub trait FfiHost {
-    fn model(&self) -> FfiModelBox;
+    /// The run's model; an error while the model itself is being built.
+    fn model(&self) -> FfiResult<FfiModelBox>;
     fn num_classes(&self) -> i64;
+    /// `[channels, height, width]` of the images the model takes.
+    fn input_shape(&self) -> RVec<i64>;
+    fn normalization(&self) -> FfiNormalization;
     /// -1 for the CPU, otherwise the CUDA device index.
     fn device(&self) -> i64;
     fn seed(&self) -> u64;
+    /// Where training is now.
+    fn progress(&self) -> FfiStepInfo;
     /// The next training batch (augmented, on the device).
     fn train_batch(&self) -> FfiResult<FfiBatch>;
-    /// Builds a model from a `[model]`-style TOML spec and loads the safetensors checkpoint.
-    fn build_model(&self, spec: RStr<'_>, checkpoint: RStr<'_>) -> FfiResult<FfiModelBox>;
+    /// Builds a model from a `[model]`-style TOML spec (built-in `arch` or plugin `use`), fresh
+    /// from the run's seed or with the weights of a safetensors checkpoint.
+    fn build_model(&self, spec: RStr<'_>, checkpoint: ROption<RStr<'_>>) -> FfiResult<FfiModelBox>;
     /// The optimizer's parameter groups with their current learning rates.
     fn learning_rates(&self) -> RVec<FfiGroupRate>;
+    /// Every tensor the optimizer updates (the model's parameters and any a distiller added).
+    fn optimized_parameters(&self) -> RVec<FfiNamedTensor>;
+    /// The process's rank and the number of processes training together (0 and 1 alone).
+    fn rank_and_world_size(&self) -> Tuple2<u32, u32>;
     fn run_dir(&self) -> ROption<RString>;
     /// The directory of the run config: relative paths in a component's configuration are
     /// relative to it.
@@ -362,8 +407,8 @@ pub trait FfiPruner {
 #[sabi_trait]
 pub trait FfiDistiller {
     fn trainable_parameters(&mut self) -> FfiResult<RVec<FfiNamedTensor>>;
-    fn replaces_task_loss(&self) -> bool;
-    fn set_training(&mut self, train: bool);
+    fn replaces_task_loss(&self) -> FfiResult<bool>;
+    fn set_training(&mut self, train: bool) -> FfiResult<()>;
     fn loss(
         &mut self,
         batch: FfiBatchRef<'_>,
@@ -377,10 +422,53 @@ pub trait FfiDistiller {
 #[sabi_trait]
 pub trait FfiMetric {
     fn reset(&mut self) -> FfiResult<()>;
-    fn wants_batches(&self) -> bool;
+    fn wants_batches(&self) -> FfiResult<bool>;
     fn update(&mut self, batch: FfiBatchRef<'_>, outputs: FfiOutputsRef<'_>) -> FfiResult<()>;
     #[sabi(last_prefix_field)]
     fn compute(&mut self, info: FfiEpochInfo) -> FfiResult<FfiMetricValues>;
+}
+
+/// What the host lends a callback that takes over the optimizer step.
+#[sabi_trait]
+pub trait FfiStepControl {
+    /// Zeroes the gradients and runs forward, loss and backward again on the step's batch at the
+    /// current weights; returns the loss.
+    fn recompute(&mut self) -> FfiResult<f64>;
+    /// The configured optimizer's own step.
+    #[sabi(last_prefix_field)]
+    fn base_step(&mut self) -> FfiResult<()>;
+}
+
+pub type FfiStepControlMut<'a> = FfiStepControl_TO<'a, RMut<'a, ()>>;
+
+#[sabi_trait]
+pub trait FfiCallback {
+    /// The events to be called for, as a bit set of [`crate::roles::Events`]; asked once.
+    fn events(&self) -> FfiResult<u32>;
+    /// Returns the batch to train on: this one, or a replacement (soft targets allowed).
+    fn batch_start(&mut self, batch: FfiBatch, at: FfiStepInfo) -> FfiResult<FfiBatch>;
+    /// Extra loss terms; `loss` is the loss so far.
+    fn after_loss(
+        &mut self,
+        batch: FfiBatchRef<'_>,
+        outputs: FfiOutputsRef<'_>,
+        loss: TensorRef<'_>,
+        at: FfiStepInfo,
+    ) -> FfiResult<RVec<FfiLossTerm>>;
+    fn after_backward(&mut self, at: FfiStepInfo) -> FfiResult<()>;
+    /// `true` when the callback stepped (through `control`) and the host must not.
+    fn optimizer_step(
+        &mut self,
+        control: FfiStepControlMut<'_>,
+        at: FfiStepInfo,
+    ) -> FfiResult<bool>;
+    fn after_step(&mut self, at: FfiStepInfo) -> FfiResult<()>;
+    fn epoch_end(&mut self, info: FfiEpochInfo) -> FfiResult<()>;
+    fn eval_start(&mut self, info: FfiEpochInfo) -> FfiResult<()>;
+    fn eval_end(&mut self, info: FfiEpochInfo) -> FfiResult<()>;
+    fn state(&self) -> FfiResult<FfiState>;
+    #[sabi(last_prefix_field)]
+    fn load_state(&mut self, state: FfiState) -> FfiResult<()>;
 }
 
 /// A created component.
@@ -392,6 +480,8 @@ pub enum FfiComponent {
     Pruner(FfiPruner_TO<'static, RBox<()>>),
     Distiller(FfiDistiller_TO<'static, RBox<()>>),
     Metric(FfiMetric_TO<'static, RBox<()>>),
+    Model(FfiModelBox),
+    Callback(FfiCallback_TO<'static, RBox<()>>),
 }
 
 /// How a plugin's `tracing` events reach the host: level (0 = error … 4 = trace), target, message.

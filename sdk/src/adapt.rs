@@ -9,12 +9,13 @@ use std::cell::RefCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
-use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, RVec};
+use abi_stable::sabi_trait::TD_Opaque;
+use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, RVec, Tuple2};
 use tch::Tensor;
 
 use crate::abi::*;
 use crate::error::{Error, Result};
-use crate::host::{HostServices, Model, ModelServices};
+use crate::host::{HostServices, Model};
 use crate::roles::*;
 use crate::tensor::{TensorHandle, TensorRef};
 
@@ -172,6 +173,57 @@ fn outputs_ref(o: &Outputs) -> FfiOutputsRef<'_> {
     }
 }
 
+pub(crate) fn from_ffi_step(s: FfiStepInfo) -> StepInfo {
+    StepInfo {
+        epoch: s.epoch,
+        epochs: s.epochs,
+        step: s.step,
+        steps_per_epoch: s.steps_per_epoch,
+    }
+}
+
+fn to_ffi_step(s: StepInfo) -> FfiStepInfo {
+    FfiStepInfo {
+        epoch: s.epoch,
+        epochs: s.epochs,
+        step: s.step,
+        steps_per_epoch: s.steps_per_epoch,
+    }
+}
+
+fn from_ffi_epoch(info: FfiEpochInfo) -> EpochInfo {
+    EpochInfo {
+        epoch: info.epoch,
+        epochs: info.epochs,
+        step: info.step,
+    }
+}
+
+fn to_ffi_epoch(info: EpochInfo) -> FfiEpochInfo {
+    FfiEpochInfo {
+        epoch: info.epoch,
+        epochs: info.epochs,
+        step: info.step,
+    }
+}
+
+fn to_ffi_terms(terms: Vec<(String, Tensor)>) -> RVec<FfiLossTerm> {
+    terms
+        .into_iter()
+        .map(|(name, value)| FfiLossTerm {
+            name: name.into(),
+            value: value.into(),
+        })
+        .collect()
+}
+
+fn from_ffi_terms(terms: RVec<FfiLossTerm>) -> Vec<(String, Tensor)> {
+    terms
+        .into_iter()
+        .map(|t| (t.name.into_string(), t.value.into_tensor()))
+        .collect()
+}
+
 fn strings(v: Vec<String>) -> RVec<RString> {
     v.into_iter().map(RString::from).collect()
 }
@@ -317,14 +369,11 @@ impl<T: Distiller + 'static> FfiDistiller for Guarded<T> {
     fn trainable_parameters(&mut self) -> FfiResult<RVec<FfiNamedTensor>> {
         ffi(|| self.0.trainable_parameters(), to_ffi_named)
     }
-    fn replaces_task_loss(&self) -> bool {
-        guard(|| Ok(self.0.replaces_task_loss())).unwrap_or(false)
+    fn replaces_task_loss(&self) -> FfiResult<bool> {
+        ffi(|| self.0.replaces_task_loss(), |v| v)
     }
-    fn set_training(&mut self, train: bool) {
-        let _ = guard(|| {
-            self.0.set_training(train);
-            Ok(())
-        });
+    fn set_training(&mut self, train: bool) -> FfiResult<()> {
+        ffi(|| self.0.set_training(train), |v| v)
     }
     fn loss(
         &mut self,
@@ -336,15 +385,7 @@ impl<T: Distiller + 'static> FfiDistiller for Guarded<T> {
                 self.0
                     .loss(&batch_from_ref(batch), &outputs_from_ref(outputs))
             },
-            |terms| {
-                terms
-                    .into_iter()
-                    .map(|(name, value)| FfiLossTerm {
-                        name: name.into(),
-                        value: value.into(),
-                    })
-                    .collect()
-            },
+            to_ffi_terms,
         )
     }
     fn state(&self) -> FfiResult<FfiState> {
@@ -360,8 +401,8 @@ impl<T: Metric + 'static> FfiMetric for Guarded<T> {
     fn reset(&mut self) -> FfiResult<()> {
         ffi(|| self.0.reset(), |v| v)
     }
-    fn wants_batches(&self) -> bool {
-        guard(|| Ok(self.0.wants_batches())).unwrap_or(true)
+    fn wants_batches(&self) -> FfiResult<bool> {
+        ffi(|| self.0.wants_batches(), |v| v)
     }
     fn update(&mut self, batch: FfiBatchRef<'_>, outputs: FfiOutputsRef<'_>) -> FfiResult<()> {
         ffi(
@@ -373,12 +414,84 @@ impl<T: Metric + 'static> FfiMetric for Guarded<T> {
         )
     }
     fn compute(&mut self, info: FfiEpochInfo) -> FfiResult<FfiMetricValues> {
-        let info = EpochInfo {
-            epoch: info.epoch,
-            epochs: info.epochs,
-            step: info.step,
-        };
-        ffi(|| self.0.compute(info), to_ffi_values)
+        ffi(|| self.0.compute(from_ffi_epoch(info)), to_ffi_values)
+    }
+}
+
+/// The host's step control, seen from inside a plugin.
+struct RemoteStepControl<'a>(FfiStepControlMut<'a>);
+
+impl StepControl for RemoteStepControl<'_> {
+    fn recompute(&mut self) -> Result<f64> {
+        from_ffi(self.0.recompute())
+    }
+    fn base_step(&mut self) -> Result<()> {
+        from_ffi(self.0.base_step())
+    }
+}
+
+impl<T: Callback + 'static> FfiCallback for Guarded<T> {
+    fn events(&self) -> FfiResult<u32> {
+        ffi(|| Ok(self.0.events()), |e| e.0)
+    }
+    fn batch_start(&mut self, batch: FfiBatch, at: FfiStepInfo) -> FfiResult<FfiBatch> {
+        let batch = from_ffi_batch(batch);
+        ffi(
+            || self.0.batch_start(batch, from_ffi_step(at)),
+            to_ffi_batch,
+        )
+    }
+    fn after_loss(
+        &mut self,
+        batch: FfiBatchRef<'_>,
+        outputs: FfiOutputsRef<'_>,
+        loss: TensorRef<'_>,
+        at: FfiStepInfo,
+    ) -> FfiResult<RVec<FfiLossTerm>> {
+        ffi(
+            || {
+                self.0.after_loss(
+                    &batch_from_ref(batch),
+                    &outputs_from_ref(outputs),
+                    &loss.get(),
+                    from_ffi_step(at),
+                )
+            },
+            to_ffi_terms,
+        )
+    }
+    fn after_backward(&mut self, at: FfiStepInfo) -> FfiResult<()> {
+        ffi(|| self.0.after_backward(from_ffi_step(at)), |v| v)
+    }
+    fn optimizer_step(
+        &mut self,
+        control: FfiStepControlMut<'_>,
+        at: FfiStepInfo,
+    ) -> FfiResult<bool> {
+        let mut control = RemoteStepControl(control);
+        ffi(
+            || self.0.optimizer_step(&mut control, from_ffi_step(at)),
+            |v| v,
+        )
+    }
+    fn after_step(&mut self, at: FfiStepInfo) -> FfiResult<()> {
+        ffi(|| self.0.after_step(from_ffi_step(at)), |v| v)
+    }
+    fn epoch_end(&mut self, info: FfiEpochInfo) -> FfiResult<()> {
+        ffi(|| self.0.epoch_end(from_ffi_epoch(info)), |v| v)
+    }
+    fn eval_start(&mut self, info: FfiEpochInfo) -> FfiResult<()> {
+        ffi(|| self.0.eval_start(from_ffi_epoch(info)), |v| v)
+    }
+    fn eval_end(&mut self, info: FfiEpochInfo) -> FfiResult<()> {
+        ffi(|| self.0.eval_end(from_ffi_epoch(info)), |v| v)
+    }
+    fn state(&self) -> FfiResult<FfiState> {
+        ffi(|| self.0.state(), to_ffi_state)
+    }
+    fn load_state(&mut self, state: FfiState) -> FfiResult<()> {
+        let state = from_ffi_state(state);
+        ffi(|| self.0.load_state(state), |v| v)
     }
 }
 
@@ -390,6 +503,7 @@ pub type SchedulerBox = FfiScheduler_TO<'static, abi_stable::std_types::RBox<()>
 pub type PrunerBox = FfiPruner_TO<'static, abi_stable::std_types::RBox<()>>;
 pub type DistillerBox = FfiDistiller_TO<'static, abi_stable::std_types::RBox<()>>;
 pub type MetricBox = FfiMetric_TO<'static, abi_stable::std_types::RBox<()>>;
+pub type CallbackBox = FfiCallback_TO<'static, abi_stable::std_types::RBox<()>>;
 
 impl Optimizer for OptimizerBox {
     fn set_param_groups(&mut self, groups: Vec<ParamGroup>) -> Result<()> {
@@ -460,11 +574,11 @@ impl Distiller for DistillerBox {
     fn trainable_parameters(&mut self) -> Result<Vec<(String, Tensor)>> {
         from_ffi(FfiDistiller_TO::trainable_parameters(self)).map(from_ffi_named)
     }
-    fn replaces_task_loss(&self) -> bool {
-        FfiDistiller_TO::replaces_task_loss(self)
+    fn replaces_task_loss(&self) -> Result<bool> {
+        from_ffi(FfiDistiller_TO::replaces_task_loss(self))
     }
-    fn set_training(&mut self, train: bool) {
-        FfiDistiller_TO::set_training(self, train)
+    fn set_training(&mut self, train: bool) -> Result<()> {
+        from_ffi(FfiDistiller_TO::set_training(self, train))
     }
     fn loss(&mut self, batch: &Batch, outputs: &Outputs) -> Result<Vec<(String, Tensor)>> {
         let terms = from_ffi(FfiDistiller_TO::loss(
@@ -472,10 +586,7 @@ impl Distiller for DistillerBox {
             batch_ref(batch),
             outputs_ref(outputs),
         ))?;
-        Ok(terms
-            .into_iter()
-            .map(|t| (t.name.into_string(), t.value.into_tensor()))
-            .collect())
+        Ok(from_ffi_terms(terms))
     }
     fn state(&self) -> Result<State> {
         from_ffi(FfiDistiller_TO::state(self)).map(from_ffi_state)
@@ -489,8 +600,8 @@ impl Metric for MetricBox {
     fn reset(&mut self) -> Result<()> {
         from_ffi(FfiMetric_TO::reset(self))
     }
-    fn wants_batches(&self) -> bool {
-        FfiMetric_TO::wants_batches(self)
+    fn wants_batches(&self) -> Result<bool> {
+        from_ffi(FfiMetric_TO::wants_batches(self))
     }
     fn update(&mut self, batch: &Batch, outputs: &Outputs) -> Result<()> {
         from_ffi(FfiMetric_TO::update(
@@ -500,21 +611,94 @@ impl Metric for MetricBox {
         ))
     }
     fn compute(&mut self, info: EpochInfo) -> Result<MetricValues> {
-        let info = FfiEpochInfo {
-            epoch: info.epoch,
-            epochs: info.epochs,
-            step: info.step,
-        };
-        from_ffi(FfiMetric_TO::compute(self, info)).map(from_ffi_values)
+        from_ffi(FfiMetric_TO::compute(self, to_ffi_epoch(info))).map(from_ffi_values)
+    }
+}
+
+/// The host's step control handed across the boundary to a plugin's callback.
+struct LocalStepControl<'a>(&'a mut dyn StepControl);
+
+impl FfiStepControl for LocalStepControl<'_> {
+    fn recompute(&mut self) -> FfiResult<f64> {
+        ffi(|| self.0.recompute(), |v| v)
+    }
+    fn base_step(&mut self) -> FfiResult<()> {
+        ffi(|| self.0.base_step(), |v| v)
+    }
+}
+
+impl Callback for CallbackBox {
+    fn events(&self) -> Events {
+        // A panic here is reported by the first event call; `Events::NONE` would hide it.
+        match FfiCallback_TO::events(self).into_result() {
+            Ok(bits) => Events(bits),
+            Err(_) => Events(u32::MAX),
+        }
+    }
+    fn batch_start(&mut self, batch: Batch, at: StepInfo) -> Result<Batch> {
+        from_ffi(FfiCallback_TO::batch_start(
+            self,
+            to_ffi_batch(batch),
+            to_ffi_step(at),
+        ))
+        .map(from_ffi_batch)
+    }
+    fn after_loss(
+        &mut self,
+        batch: &Batch,
+        outputs: &Outputs,
+        loss: &Tensor,
+        at: StepInfo,
+    ) -> Result<Vec<(String, Tensor)>> {
+        from_ffi(FfiCallback_TO::after_loss(
+            self,
+            batch_ref(batch),
+            outputs_ref(outputs),
+            TensorRef::new(loss),
+            to_ffi_step(at),
+        ))
+        .map(from_ffi_terms)
+    }
+    fn after_backward(&mut self, at: StepInfo) -> Result<()> {
+        from_ffi(FfiCallback_TO::after_backward(self, to_ffi_step(at)))
+    }
+    fn optimizer_step(&mut self, control: &mut dyn StepControl, at: StepInfo) -> Result<bool> {
+        let mut local = LocalStepControl(control);
+        let remote = FfiStepControl_TO::from_ptr(&mut local, TD_Opaque);
+        from_ffi(FfiCallback_TO::optimizer_step(
+            self,
+            remote,
+            to_ffi_step(at),
+        ))
+    }
+    fn after_step(&mut self, at: StepInfo) -> Result<()> {
+        from_ffi(FfiCallback_TO::after_step(self, to_ffi_step(at)))
+    }
+    fn epoch_end(&mut self, info: EpochInfo) -> Result<()> {
+        from_ffi(FfiCallback_TO::epoch_end(self, to_ffi_epoch(info)))
+    }
+    fn eval_start(&mut self, info: EpochInfo) -> Result<()> {
+        from_ffi(FfiCallback_TO::eval_start(self, to_ffi_epoch(info)))
+    }
+    fn eval_end(&mut self, info: EpochInfo) -> Result<()> {
+        from_ffi(FfiCallback_TO::eval_end(self, to_ffi_epoch(info)))
+    }
+    fn state(&self) -> Result<State> {
+        from_ffi(FfiCallback_TO::state(self)).map(from_ffi_state)
+    }
+    fn load_state(&mut self, state: State) -> Result<()> {
+        from_ffi(FfiCallback_TO::load_state(self, to_ffi_state(state)))
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // The host's services, exposed to plugins.
 
+/// An [`Architecture`] (the host's network or a plugin's model) as an ABI object; every call
+/// into it is guarded.
 pub(crate) struct ModelAdapter<M>(pub M);
 
-impl<M: ModelServices> FfiModel for ModelAdapter<M> {
+impl<M: Architecture> FfiModel for ModelAdapter<M> {
     fn forward(&self, inputs: TensorRef<'_>) -> FfiResult<FfiOutputs> {
         ffi(
             || self.0.forward(&inputs.get()),
@@ -527,34 +711,50 @@ impl<M: ModelServices> FfiModel for ModelAdapter<M> {
     fn head(&self, features: TensorRef<'_>) -> FfiResult<TensorHandle> {
         ffi(|| self.0.head(&features.get()), TensorHandle::from)
     }
-    fn parameters(&self) -> RVec<FfiParam> {
-        self.0.parameters().into_iter().map(to_ffi_param).collect()
+    fn parameters(&self) -> FfiResult<RVec<FfiParam>> {
+        ffi(
+            || self.0.parameters(),
+            |params| params.into_iter().map(to_ffi_param).collect(),
+        )
     }
-    fn buffers(&self) -> RVec<FfiNamedTensor> {
-        to_ffi_named(self.0.buffers())
+    fn buffers(&self) -> FfiResult<RVec<FfiNamedTensor>> {
+        ffi(|| self.0.buffers(), to_ffi_named)
     }
-    fn set_training(&self, train: bool) {
-        self.0.set_training(train)
+    fn set_training(&self, train: bool) -> FfiResult<()> {
+        ffi(|| self.0.set_training(train), |v| v)
     }
-    fn is_training(&self) -> bool {
-        self.0.is_training()
+    fn is_training(&self) -> FfiResult<bool> {
+        ffi(|| self.0.is_training(), |v| v)
     }
     fn set_double(&self, double: bool) -> FfiResult<()> {
         ffi(|| self.0.set_double(double), |v| v)
     }
-    fn arch(&self) -> RString {
-        self.0.arch().into()
+    fn feature_dim(&self) -> FfiResult<i64> {
+        ffi(|| self.0.feature_dim(), |v| v)
+    }
+    fn spec(&self) -> FfiResult<RString> {
+        ffi(|| self.0.spec(), RString::from)
     }
 }
 
 pub(crate) struct HostAdapter<S>(pub S);
 
 impl<S: HostServices> FfiHost for HostAdapter<S> {
-    fn model(&self) -> FfiModelBox {
-        self.0.model().inner
+    fn model(&self) -> FfiResult<FfiModelBox> {
+        ffi(|| self.0.model(), |m: Model| m.inner)
     }
     fn num_classes(&self) -> i64 {
         self.0.num_classes()
+    }
+    fn input_shape(&self) -> RVec<i64> {
+        self.0.input_shape().to_vec().into()
+    }
+    fn normalization(&self) -> FfiNormalization {
+        let n = self.0.normalization();
+        FfiNormalization {
+            mean: n.mean.into(),
+            std: n.std.into(),
+        }
     }
     fn device(&self) -> i64 {
         device_index(self.0.device())
@@ -562,14 +762,17 @@ impl<S: HostServices> FfiHost for HostAdapter<S> {
     fn seed(&self) -> u64 {
         self.0.seed()
     }
+    fn progress(&self) -> FfiStepInfo {
+        to_ffi_step(self.0.progress())
+    }
     fn train_batch(&self) -> FfiResult<FfiBatch> {
         ffi(|| self.0.train_batch(), to_ffi_batch)
     }
-    fn build_model(&self, spec: RStr<'_>, checkpoint: RStr<'_>) -> FfiResult<FfiModelBox> {
+    fn build_model(&self, spec: RStr<'_>, checkpoint: ROption<RStr<'_>>) -> FfiResult<FfiModelBox> {
         ffi(
             || {
-                self.0
-                    .build_model(spec.as_str(), Path::new(checkpoint.as_str()))
+                let checkpoint = checkpoint.into_option().map(|c| Path::new(c.as_str()));
+                self.0.build_model(spec.as_str(), checkpoint)
             },
             |m: Model| m.inner,
         )
@@ -584,6 +787,13 @@ impl<S: HostServices> FfiHost for HostAdapter<S> {
                 params: strings(g.params),
             })
             .collect()
+    }
+    fn optimized_parameters(&self) -> RVec<FfiNamedTensor> {
+        to_ffi_named(self.0.optimized_parameters())
+    }
+    fn rank_and_world_size(&self) -> Tuple2<u32, u32> {
+        let (rank, world) = self.0.rank_and_world_size();
+        Tuple2(rank, world)
     }
     fn config_dir(&self) -> RString {
         self.0.config_dir().to_string_lossy().into_owned().into()

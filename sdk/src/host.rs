@@ -1,56 +1,71 @@
 //! What the host offers components: the model, batches, other models, the run's facts.
 //!
 //! Plugins hold a [`Host`] and call it; the host provides the services by implementing
-//! [`HostServices`] and [`ModelServices`], which the SDK turns into ABI objects.
+//! [`HostServices`] (and [`Architecture`] for its models), which the SDK turns into ABI objects.
 
 use std::path::{Path, PathBuf};
 
 use abi_stable::sabi_trait::TD_Opaque;
-use abi_stable::std_types::{RStr, RString};
+use abi_stable::std_types::{ROption, RStr, RString};
 use tch::{Device, Tensor};
 
 use crate::abi::{FfiHostBox, FfiHost_TO, FfiModelBox, FfiModel_TO};
 use crate::adapt::{self, from_ffi_batch, from_ffi_outputs, HostAdapter, ModelAdapter};
 use crate::error::{Error, Result};
-use crate::roles::{device_from_index, Batch, GroupRate, Outputs, Param};
+use crate::roles::{device_from_index, Architecture, Batch, GroupRate, Outputs, Param, StepInfo};
 
-/// The host's side of a model. Implemented by `trellis` for its networks.
-pub trait ModelServices: 'static {
-    fn forward(&self, inputs: &Tensor) -> Result<Outputs>;
-    fn head(&self, features: &Tensor) -> Result<Tensor>;
-    /// Trainable parameters in module registration order.
-    fn parameters(&self) -> Vec<Param>;
-    /// Non-trainable buffers (BatchNorm running statistics).
-    fn buffers(&self) -> Vec<(String, Tensor)>;
-    fn set_training(&self, train: bool);
-    fn is_training(&self) -> bool;
-    fn set_double(&self, double: bool) -> Result<()>;
-    fn arch(&self) -> String;
+/// The normalisation the host applies to images: `(x / 255 − mean) / std` per channel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Normalization {
+    pub mean: Vec<f64>,
+    pub std: Vec<f64>,
 }
 
-/// The host's services. Implemented by `trellis` for a run.
+/// The host's services. Implemented by `trellis` for a run, and by [`crate::testing::FakeHost`]
+/// for plugin tests.
 pub trait HostServices: 'static {
-    fn model(&self) -> Model;
+    /// The run's model; an error while the model itself is being built.
+    fn model(&self) -> Result<Model>;
     fn num_classes(&self) -> i64;
+    /// `[channels, height, width]` of the model's input images.
+    fn input_shape(&self) -> [i64; 3];
+    fn normalization(&self) -> Normalization;
     fn device(&self) -> Device;
     fn seed(&self) -> u64;
+    fn progress(&self) -> StepInfo;
     fn train_batch(&self) -> Result<Batch>;
-    fn build_model(&self, spec: &str, checkpoint: &Path) -> Result<Model>;
+    fn build_model(&self, spec: &str, checkpoint: Option<&Path>) -> Result<Model>;
     fn learning_rates(&self) -> Vec<GroupRate>;
+    fn optimized_parameters(&self) -> Vec<(String, Tensor)>;
+    /// `(rank, world size)`; `(0, 1)` for a single process.
+    fn rank_and_world_size(&self) -> (u32, u32) {
+        (0, 1)
+    }
     fn run_dir(&self) -> Option<PathBuf>;
     fn config_dir(&self) -> PathBuf;
 }
 
-/// A model owned by the host.
+/// A model, the host's or a plugin's, seen through the ABI.
 pub struct Model {
     pub(crate) inner: FfiModelBox,
 }
 
 impl Model {
-    pub fn new(services: impl ModelServices) -> Self {
+    /// Wraps an architecture so it can cross the plugin boundary.
+    pub fn new(model: impl Architecture) -> Self {
         Model {
-            inner: FfiModel_TO::from_value(ModelAdapter(services), TD_Opaque),
+            inner: FfiModel_TO::from_value(ModelAdapter(model), TD_Opaque),
         }
+    }
+
+    #[doc(hidden)]
+    pub fn from_ffi(inner: FfiModelBox) -> Self {
+        Model { inner }
+    }
+
+    #[doc(hidden)]
+    pub fn into_ffi(self) -> FfiModelBox {
+        self.inner
     }
 
     /// Logits and pooled features, in the current train/eval mode.
@@ -69,24 +84,23 @@ impl Model {
     }
 
     /// Trainable parameters in registration order, sharing storage with the model.
-    pub fn parameters(&self) -> Vec<Param> {
-        self.inner
-            .parameters()
-            .into_iter()
-            .map(adapt::from_ffi_param)
-            .collect()
+    pub fn parameters(&self) -> Result<Vec<Param>> {
+        let params = self.inner.parameters().into_result()?;
+        Ok(params.into_iter().map(adapt::from_ffi_param).collect())
     }
 
-    pub fn buffers(&self) -> Vec<(String, Tensor)> {
-        adapt::from_ffi_named(self.inner.buffers())
+    /// Non-trainable state (BatchNorm running statistics), sharing storage with the model.
+    pub fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(adapt::from_ffi_named(self.inner.buffers().into_result()?))
     }
 
-    pub fn set_training(&self, train: bool) {
-        self.inner.set_training(train)
+    /// Switches BatchNorm (and anything else mode-dependent) between training and evaluation.
+    pub fn set_training(&self, train: bool) -> Result<()> {
+        Ok(self.inner.set_training(train).into_result()?)
     }
 
-    pub fn is_training(&self) -> bool {
-        self.inner.is_training()
+    pub fn is_training(&self) -> Result<bool> {
+        Ok(self.inner.is_training().into_result()?)
     }
 
     /// Converts every parameter and buffer to float64 (or back to float32) in place.
@@ -94,8 +108,47 @@ impl Model {
         Ok(self.inner.set_double(double).into_result()?)
     }
 
-    pub fn arch(&self) -> String {
-        self.inner.arch().into_string()
+    /// The width of the pooled features (the head's input).
+    pub fn feature_dim(&self) -> Result<i64> {
+        Ok(self.inner.feature_dim().into_result()?)
+    }
+
+    /// The `[model]` table that builds this model again, as TOML; hand it to
+    /// [`Host::build_model`] for a fresh copy.
+    pub fn spec(&self) -> Result<String> {
+        Ok(self.inner.spec().into_result()?.into_string())
+    }
+}
+
+/// A [`Model`] is itself an architecture: a plugin model can hand a model it wraps to code that
+/// takes one.
+impl Architecture for Model {
+    fn forward(&self, inputs: &Tensor) -> Result<Outputs> {
+        Model::forward(self, inputs)
+    }
+    fn head(&self, features: &Tensor) -> Result<Tensor> {
+        Model::head(self, features)
+    }
+    fn parameters(&self) -> Result<Vec<Param>> {
+        Model::parameters(self)
+    }
+    fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
+        Model::buffers(self)
+    }
+    fn set_training(&self, train: bool) -> Result<()> {
+        Model::set_training(self, train)
+    }
+    fn is_training(&self) -> Result<bool> {
+        Model::is_training(self)
+    }
+    fn set_double(&self, double: bool) -> Result<()> {
+        Model::set_double(self, double)
+    }
+    fn feature_dim(&self) -> Result<i64> {
+        Model::feature_dim(self)
+    }
+    fn spec(&self) -> Result<String> {
+        Model::spec(self)
     }
 }
 
@@ -105,6 +158,7 @@ pub struct Host {
 }
 
 impl Host {
+    /// Wraps the host's services so they can cross the plugin boundary.
     pub fn new(services: impl HostServices) -> Self {
         Host {
             inner: FfiHost_TO::from_value(HostAdapter(services), TD_Opaque),
@@ -115,42 +169,68 @@ impl Host {
         Host { inner }
     }
 
-    /// The ABI object, for handing the host to a plugin's constructor.
+    #[doc(hidden)]
     pub fn into_ffi(self) -> FfiHostBox {
         self.inner
     }
 
-    /// The run's model (the student).
-    pub fn model(&self) -> Model {
-        Model {
-            inner: self.inner.model(),
-        }
+    /// The run's model (the student). An error inside a model component's constructor: the
+    /// model is what is being built.
+    pub fn model(&self) -> Result<Model> {
+        let inner = self.inner.model().into_result()?;
+        Ok(Model { inner })
     }
 
     pub fn num_classes(&self) -> i64 {
         self.inner.num_classes()
     }
 
+    /// `[channels, height, width]` of the images the model takes.
+    pub fn input_shape(&self) -> [i64; 3] {
+        let shape = self.inner.input_shape();
+        let at = |i: usize| shape.get(i).copied().unwrap_or(1);
+        [at(0), at(1), at(2)]
+    }
+
+    /// The per-channel mean and std images are normalised with (in units of the `[0, 1]` pixel
+    /// range): what a plugin needs to undo normalisation or to clip to the valid pixel range.
+    pub fn normalization(&self) -> Normalization {
+        let n = self.inner.normalization();
+        Normalization {
+            mean: n.mean.into_vec(),
+            std: n.std.into_vec(),
+        }
+    }
+
     pub fn device(&self) -> Device {
         device_from_index(self.inner.device())
     }
 
+    /// The run's seed (`[train] seed`): derive every random choice from it.
     pub fn seed(&self) -> u64 {
         self.inner.seed()
     }
 
-    /// The next augmented training batch, on the run's device.
+    /// Where training is now: epoch and step.
+    pub fn progress(&self) -> StepInfo {
+        adapt::from_ffi_step(self.inner.progress())
+    }
+
+    /// The next augmented training batch, on the run's device, from a stream of its own (asking
+    /// never changes the batches the training loop sees).
     pub fn train_batch(&self) -> Result<Batch> {
         Ok(from_ffi_batch(self.inner.train_batch().into_result()?))
     }
 
-    /// Builds a model from a `[model]`-style TOML spec (e.g. `arch = "resnet34"`) and loads the
-    /// weights a previous `trellis run` saved.
-    pub fn build_model(&self, spec: &str, checkpoint: &Path) -> Result<Model> {
-        let checkpoint = checkpoint.to_string_lossy();
+    /// Builds a model from a `[model]`-style TOML spec (`arch = "resnet34"`, or `use = "name"`
+    /// with the component's keys) for this run's data and device: with the weights a previous
+    /// `trellis run` saved when `checkpoint` is given, else freshly initialised.
+    pub fn build_model(&self, spec: &str, checkpoint: Option<&Path>) -> Result<Model> {
+        let checkpoint = checkpoint.map(|p| p.to_string_lossy().into_owned());
+        let checkpoint: ROption<RStr<'_>> = checkpoint.as_deref().map(RStr::from_str).into();
         let inner = self
             .inner
-            .build_model(RStr::from_str(spec), RStr::from_str(&checkpoint))
+            .build_model(RStr::from_str(spec), checkpoint)
             .into_result()
             .map_err(Error::from)?;
         Ok(Model { inner })
@@ -167,6 +247,18 @@ impl Host {
                 params: g.params.into_iter().map(RString::into_string).collect(),
             })
             .collect()
+    }
+
+    /// Every tensor the optimizer updates, by the name its group gives it: the model's
+    /// parameters and those a distiller added. Their `.grad()` is the step's gradient.
+    pub fn optimized_parameters(&self) -> Vec<(String, Tensor)> {
+        adapt::from_ffi_named(self.inner.optimized_parameters())
+    }
+
+    /// `(rank, world size)` of this process among those training together; `(0, 1)` alone.
+    pub fn rank_and_world_size(&self) -> (u32, u32) {
+        let pair = self.inner.rank_and_world_size();
+        (pair.0, pair.1)
     }
 
     /// Where the run writes its outputs, if it writes any (plots go here).

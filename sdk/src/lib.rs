@@ -122,10 +122,11 @@ mod logging;
 pub mod plugin;
 pub mod roles;
 pub mod tensor;
+pub mod testing;
 
 pub use abi::{LayerKind, Role};
 pub use error::{Error, Result};
-pub use host::{Host, HostServices, Model, ModelServices};
+pub use host::{Host, HostServices, Model, Normalization};
 pub use plugin::{parse_config, Component, Plugin};
 pub use roles::*;
 pub use tch;

@@ -6,10 +6,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::abi::*;
-use crate::adapt::{guard, install_panic_hook, Guarded};
+use crate::adapt::{guard, install_panic_hook, Guarded, ModelAdapter};
 use crate::error::{Error, Result};
 use crate::host::Host;
-use crate::roles::{Distiller, Metric, Optimizer, Pruner, Scheduler};
+use crate::roles::{Architecture, Callback, Distiller, Metric, Optimizer, Pruner, Scheduler};
 
 /// The tch this SDK is built with (pinned exactly in its Cargo.toml).
 pub const TCH_VERSION: &str = "0.24.0";
@@ -119,6 +119,26 @@ impl Plugin {
     role_method!(pruner, Pruner, Pruner, FfiPruner_TO);
     role_method!(distiller, Distiller, Distiller, FfiDistiller_TO);
     role_method!(metric, Metric, Metric, FfiMetric_TO);
+    role_method!(callback, Callback, Callback, FfiCallback_TO);
+
+    /// Adds a model component: an architecture for `[model] use = "name"`.
+    pub fn model<T: Component + Architecture>(mut self) -> Self {
+        fn create<T: Component + Architecture>(config: &str, host: Host) -> Result<FfiComponent> {
+            let model = T::new(parse_config(config)?, host)?;
+            Ok(FfiComponent::Model(FfiModel_TO::from_value(
+                ModelAdapter(model),
+                TD_Opaque,
+            )))
+        }
+        self.entries.push(Entry {
+            role: Role::Model,
+            name: T::NAME,
+            description: T::DESCRIPTION,
+            default_config: default_config::<T>,
+            create: create::<T>,
+        });
+        self
+    }
 
     pub fn name(&self) -> &'static str {
         self.name

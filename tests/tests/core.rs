@@ -297,7 +297,9 @@ fn each_load_error_is_reported_clearly() {
     // A real shared library that is not a plugin.
     let err = manifest_error(&entry("m", &plugin("trellis-fixture-old-abi")));
     assert!(
-        err.contains("ABI version 0") && err.contains("rebuild the plugin"),
+        err.contains("ABI version 1")
+            && err.contains("uses ABI version 2")
+            && err.contains("rebuild the plugin"),
         "{err}"
     );
     let foreign = [
@@ -413,6 +415,23 @@ fn panicking_plugins_are_contained_and_named() {
         "{err}"
     );
 
+    // Panics in the small questions the host asks are reported too, never answered by a default.
+    for (table, name) in [
+        ("metrics", "panic_in_wants_batches"),
+        ("distillers", "panic_in_replaces_task_loss"),
+    ] {
+        let dir = setup_with(&tiny(&format!("[[{table}]]\nuse = \"{name}\"\n")));
+        let err = assert_error(&trellis(
+            dir.path(),
+            &["run", "run.toml", "--out", "o", "--quiet"],
+        ));
+        let boom = name.trim_start_matches("panic_in_");
+        assert!(
+            err.contains(&format!("`{name}` (plugin trellis-fixture-misbehaving) panicked: boom in {boom}")),
+            "{err}"
+        );
+    }
+
     // tch's own panicking methods (a shape mismatch in libtorch) are contained as well, and the
     // plugin's tracing events reach the host's log under the plugin's name.
     let dir = setup_with(&tiny("[[metrics]]\nuse = \"shape_mismatch\"\n"));
@@ -491,7 +510,7 @@ fn plugins_command_lists_and_inspects() {
     let text = stdout(&out);
     assert!(
         text.contains("plugin   trellis-metrics")
-            && text.contains("ABI 1")
+            && text.contains("ABI 2")
             && text.contains("libtorch 2.11.0"),
         "{text}"
     );

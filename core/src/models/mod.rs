@@ -7,15 +7,18 @@ mod resnet;
 mod small;
 mod vgg;
 
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
 
-use anyhow::{bail, ensure, Context, Result};
-use serde::{Deserialize, Serialize};
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tch::nn::VarStore;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 use trellis_sdk::LayerKind;
+
+use crate::config::ComponentConfig;
 
 pub use blocks::{autocast, autocast_kind};
 use blocks::{Builder, Linear, Var};
@@ -65,6 +68,73 @@ impl ModelConfig {
             );
         }
         Ok(())
+    }
+}
+
+/// The `[model]` table: a built-in architecture (`arch = "resnet18"`) or a plugin's
+/// (`use = "name"` and the component's own keys).
+#[derive(Clone, Debug, PartialEq)]
+pub enum ModelSpec {
+    Builtin(ModelConfig),
+    Plugin(ComponentConfig),
+}
+
+impl ModelSpec {
+    /// What log lines and errors call the model.
+    pub fn name(&self) -> String {
+        match self {
+            ModelSpec::Builtin(c) => c.arch.to_string(),
+            ModelSpec::Plugin(c) => c.component.clone(),
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            ModelSpec::Builtin(c) => c.validate(),
+            ModelSpec::Plugin(_) => Ok(()),
+        }
+    }
+}
+
+impl From<ModelConfig> for ModelSpec {
+    fn from(c: ModelConfig) -> Self {
+        ModelSpec::Builtin(c)
+    }
+}
+
+impl<'de> Deserialize<'de> for ModelSpec {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let table = toml::Table::deserialize(deserializer)?;
+        let value = toml::Value::Table(table);
+        let has = |key: &str| value.get(key).is_some();
+        if has("use") {
+            if has("arch") {
+                return Err(D::Error::custom(
+                    "[model] takes `arch` (a built-in architecture) or `use` (a plugin's model), not both",
+                ));
+            }
+            ComponentConfig::deserialize(value)
+                .map(ModelSpec::Plugin)
+                .map_err(D::Error::custom)
+        } else if has("arch") {
+            ModelConfig::deserialize(value)
+                .map(ModelSpec::Builtin)
+                .map_err(D::Error::custom)
+        } else {
+            Err(D::Error::custom(
+                "[model] needs `arch = \"resnet18\"` (resnet18, resnet34, vgg16_bn, mlp, lenet5) or                  `use = \"<model component>\"` from a plugin",
+            ))
+        }
+    }
+}
+
+impl Serialize for ModelSpec {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ModelSpec::Builtin(c) => c.serialize(serializer),
+            ModelSpec::Plugin(c) => c.serialize(serializer),
+        }
     }
 }
 
@@ -129,16 +199,41 @@ enum Body {
     LeNet5(small::LeNet5),
 }
 
-/// A classifier: a feature extractor and a linear head, with its variables in a `VarStore`.
+/// Where a network's computation lives.
+enum Inner {
+    /// One of the zoo's architectures, its variables in a `VarStore`.
+    Builtin {
+        vs: VarStore,
+        body: Body,
+        head: Linear,
+    },
+    /// A plugin's model component; `training` remembers the mode last set, so a step does not
+    /// cross the boundary twice.
+    Plugin {
+        model: trellis_sdk::Model,
+        training: Cell<Option<bool>>,
+    },
+}
+
+impl fmt::Debug for Inner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Inner::Builtin { body, .. } => f.debug_tuple("Builtin").field(body).finish(),
+            Inner::Plugin { .. } => f.write_str("Plugin"),
+        }
+    }
+}
+
+/// A classifier: a feature extractor and a linear head, built-in or a plugin's. Everything the
+/// core does with a model (train, prune, checkpoint, export) goes through this one type.
 #[derive(Debug)]
 pub struct Network {
-    vs: VarStore,
-    cfg: ModelConfig,
-    body: Body,
-    head: Linear,
+    inner: Inner,
+    spec: ModelSpec,
     feature_dim: i64,
+    device: Device,
     layers: Vec<Layer>,
-    /// Shallow clones of the `VarStore`'s tensors (same storage) in registration order.
+    /// Shallow clones of the model's tensors (same storage) in registration order.
     vars: Vec<Var>,
 }
 
@@ -195,11 +290,54 @@ impl Network {
         let head = b.linear(cfg.arch.head_name(), feature_dim, num_classes)?;
         let (layers, vars) = b.finish();
         Ok(Network {
-            vs,
-            cfg: cfg.clone(),
-            body,
-            head,
+            inner: Inner::Builtin { vs, body, head },
+            spec: ModelSpec::Builtin(cfg.clone()),
             feature_dim,
+            device,
+            layers,
+            vars,
+        })
+    }
+
+    /// Wraps a plugin's model component, created from `spec` on `device`.
+    pub fn from_plugin(
+        model: trellis_sdk::Model,
+        spec: ModelSpec,
+        device: Device,
+    ) -> Result<Network> {
+        let sdk = |e: trellis_sdk::Error| anyhow!(e.message);
+        let feature_dim = model.feature_dim().map_err(sdk)?;
+        let (layers, vars) = plugin_registry(&model).map_err(sdk)?;
+        ensure!(
+            !vars.iter().all(|v| !v.trainable),
+            "model `{}` has no trainable parameters",
+            spec.name()
+        );
+        let mut names = HashSet::new();
+        if let Some(v) = vars.iter().find(|v| !names.insert(v.name.as_str())) {
+            bail!(
+                "model `{}` names two tensors `{}`; every parameter and buffer needs its own name",
+                spec.name(),
+                v.name
+            );
+        }
+        if let Some(v) = vars.iter().find(|v| v.tensor.device() != device) {
+            bail!(
+                "model `{}` put `{}` on {:?}, but the run is on {device:?}\n  help: create tensors on \
+                 `host.device()`",
+                spec.name(),
+                v.name,
+                v.tensor.device()
+            );
+        }
+        Ok(Network {
+            inner: Inner::Plugin {
+                model,
+                training: Cell::new(None),
+            },
+            spec,
+            feature_dim,
+            device,
             layers,
             vars,
         })
@@ -208,24 +346,51 @@ impl Network {
     /// Logits `[B, classes]` and the pooled features fed to the classifier `[B, feature_dim]`.
     /// `train` selects batch statistics (and updates the running ones) in BatchNorm layers.
     /// Under [`autocast`] both come back in the weights' kind, so losses and metrics see f32.
-    pub fn forward(&self, x: &Tensor, train: bool) -> (Tensor, Tensor) {
-        let features = match &self.body {
-            Body::ResNet(net) => net.features(x, train),
-            Body::Vgg(net) => net.features(x, train),
-            Body::Mlp(net) => net.features(x),
-            Body::LeNet5(net) => net.features(x),
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
+        let (logits, features) = match &self.inner {
+            Inner::Builtin { body, head, .. } => {
+                let features = match body {
+                    Body::ResNet(net) => net.features(x, train),
+                    Body::Vgg(net) => net.features(x, train),
+                    Body::Mlp(net) => net.features(x),
+                    Body::LeNet5(net) => net.features(x),
+                };
+                (head.forward(&features), features)
+            }
+            Inner::Plugin { model, training } => {
+                if training.get() != Some(train) {
+                    model.set_training(train).map_err(|e| anyhow!(e.message))?;
+                    training.set(Some(train));
+                }
+                let out = model.forward(x).map_err(|e| anyhow!(e.message))?;
+                (out.logits, out.features)
+            }
         };
-        let logits = self.head(&features);
         if autocast_kind().is_some() {
-            let kind = self.head.kind();
-            return (logits.to_kind(kind), features.to_kind(kind));
+            let kind = self.kind();
+            return Ok((logits.to_kind(kind), features.to_kind(kind)));
         }
-        (logits, features)
+        Ok((logits, features))
     }
 
     /// The classifier head alone, applied to given features.
-    pub fn head(&self, features: &Tensor) -> Tensor {
-        self.head.forward(features)
+    pub fn head(&self, features: &Tensor) -> Result<Tensor> {
+        match &self.inner {
+            Inner::Builtin { head, .. } => Ok(head.forward(features)),
+            Inner::Plugin { model, .. } => model.head(features).map_err(|e| anyhow!(e.message)),
+        }
+    }
+
+    /// The kind of the weights (what outputs come back in under autocast).
+    fn kind(&self) -> Kind {
+        match &self.inner {
+            Inner::Builtin { head, .. } => head.kind(),
+            Inner::Plugin { .. } => self
+                .vars
+                .iter()
+                .find(|v| v.trainable)
+                .map_or(Kind::Float, |v| v.tensor.kind()),
+        }
     }
 
     pub fn feature_dim(&self) -> i64 {
@@ -270,20 +435,50 @@ impl Network {
             .sum()
     }
 
-    pub fn var_store(&self) -> &VarStore {
-        &self.vs
+    /// The `VarStore` of a built-in architecture.
+    pub fn var_store(&self) -> Option<&VarStore> {
+        match &self.inner {
+            Inner::Builtin { vs, .. } => Some(vs),
+            Inner::Plugin { .. } => None,
+        }
     }
 
-    pub fn var_store_mut(&mut self) -> &mut VarStore {
-        &mut self.vs
+    /// Converts every parameter and buffer to float64 (or back to float32) in place.
+    pub fn set_double(&mut self, double: bool) -> Result<()> {
+        match &mut self.inner {
+            Inner::Builtin { vs, .. } => {
+                if double {
+                    vs.double()
+                } else {
+                    vs.float()
+                }
+            }
+            Inner::Plugin { model, .. } => {
+                model.set_double(double).map_err(|e| anyhow!(e.message))?;
+                // In place is the contract, but a model that swapped its tensors must not leave
+                // us holding the old ones.
+                (self.layers, self.vars) =
+                    plugin_registry(model).map_err(|e| anyhow!(e.message))?;
+            }
+        }
+        Ok(())
     }
 
     pub fn device(&self) -> Device {
-        self.vs.device()
+        self.device
     }
 
-    pub fn config(&self) -> &ModelConfig {
-        &self.cfg
+    /// The `[model]` table that built this network.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// The plugin model component behind this network, if it is one.
+    pub fn plugin_model(&self) -> Option<&trellis_sdk::Model> {
+        match &self.inner {
+            Inner::Plugin { model, .. } => Some(model),
+            Inner::Builtin { .. } => None,
+        }
     }
 
     /// Saves every variable as safetensors under the names of `state_dict()`.
@@ -348,7 +543,7 @@ impl Network {
             bail!(
                 "{} does not hold the weights of this {} model: {}",
                 path.display(),
-                self.cfg.arch,
+                self.spec.name(),
                 problems.join("; ")
             );
         }
@@ -362,6 +557,46 @@ impl Network {
             Ok(())
         })
     }
+}
+
+/// Layers and variables of a plugin's model, from what it declares: a layer per module path, in
+/// the order its parameters come; a buffer belongs to the layer of its module (or its own).
+fn plugin_registry(model: &trellis_sdk::Model) -> trellis_sdk::Result<(Vec<Layer>, Vec<Var>)> {
+    let mut layers: Vec<Layer> = Vec::new();
+    let mut vars = Vec::new();
+    let layer_of = |layers: &mut Vec<Layer>, path: &str, kind: LayerKind| match layers
+        .iter()
+        .position(|l| l.path == path)
+    {
+        Some(i) => i,
+        None => {
+            layers.push(Layer {
+                path: path.to_string(),
+                kind,
+            });
+            layers.len() - 1
+        }
+    };
+    for p in model.parameters()? {
+        let layer = layer_of(&mut layers, &p.module, p.kind);
+        vars.push(Var {
+            name: p.name,
+            layer,
+            tensor: p.tensor,
+            trainable: true,
+        });
+    }
+    for (name, tensor) in model.buffers()? {
+        let module = name.rsplit_once('.').map_or("", |(m, _)| m);
+        let layer = layer_of(&mut layers, module, LayerKind::Other);
+        vars.push(Var {
+            name,
+            layer,
+            tensor,
+            trainable: false,
+        });
+    }
+    Ok((layers, vars))
 }
 
 /// The first few names of a list, so an error stays readable when everything mismatches.
@@ -489,12 +724,14 @@ mod tests {
             let net = small(arch);
             assert_eq!(net.feature_dim(), dim, "{arch}");
             for train in [true, false] {
-                let (logits, features) = net.forward(&x, train);
+                let (logits, features) = net.forward(&x, train).unwrap();
                 assert_eq!(logits.size(), [2, 10], "{arch}");
                 assert_eq!(features.size(), [2, dim], "{arch}");
                 if !train {
                     assert!(
-                        net.head(&features).allclose(&logits, 1e-5, 1e-6, false),
+                        net.head(&features)
+                            .unwrap()
+                            .allclose(&logits, 1e-5, 1e-6, false),
                         "{arch}"
                     );
                 }
@@ -504,7 +741,13 @@ mod tests {
                 (head.path.as_str(), head.kind),
                 (arch.head_name(), LayerKind::Linear)
             );
-            assert_eq!(net.config().arch, arch);
+            assert_eq!(
+                net.spec(),
+                &ModelSpec::Builtin(ModelConfig {
+                    width: 0.125,
+                    ..ModelConfig::new(arch)
+                })
+            );
         }
     }
 
@@ -512,7 +755,7 @@ mod tests {
     fn registry_matches_var_store() {
         for arch in ALL {
             let net = small(arch);
-            let vars = net.var_store().variables();
+            let vars = net.var_store().unwrap().variables();
             let state = net.state_dict();
             assert_eq!(vars.len(), state.len(), "{arch}");
             for (name, t) in &state {
@@ -521,7 +764,7 @@ mod tests {
             }
             let params = net.parameters();
             assert_eq!(
-                net.var_store().trainable_variables().len(),
+                net.var_store().unwrap().trainable_variables().len(),
                 params.len(),
                 "{arch}"
             );
@@ -540,13 +783,13 @@ mod tests {
         let mean = get(&net, "bn1.running_mean");
         let var = get(&net, "bn1.running_var");
 
-        let (eval1, _) = net.forward(&x, false);
+        let (eval1, _) = net.forward(&x, false).unwrap();
         assert_eq!(
             mean.abs().sum(Kind::Float).double_value(&[]),
             0.0,
             "eval updated stats"
         );
-        let (train1, _) = net.forward(&x, true);
+        let (train1, _) = net.forward(&x, true).unwrap();
         assert!(
             !train1.allclose(&eval1, 1e-4, 1e-5, false),
             "train used running stats"
@@ -560,12 +803,12 @@ mod tests {
         assert!(mean.allclose(&(batch_mean * 0.1), 1e-4, 1e-6, false));
         assert!(var.allclose(&(batch_var * 0.1 + 0.9), 1e-4, 1e-6, false));
 
-        let (eval2, _) = net.forward(&x, false);
+        let (eval2, _) = net.forward(&x, false).unwrap();
         assert!(
             !eval2.allclose(&eval1, 1e-4, 1e-5, false),
             "eval ignored running stats"
         );
-        let (eval3, _) = net.forward(&x, false);
+        let (eval3, _) = net.forward(&x, false).unwrap();
         assert!(eval3.equal(&eval2), "eval is not deterministic");
     }
 
@@ -575,8 +818,8 @@ mod tests {
         let x = batch();
         for arch in [Arch::Resnet18, Arch::Mlp] {
             let net = small(arch);
-            let (want, _) = net.forward(&x, true);
-            let (got, features) = autocast(Some(Kind::BFloat16), || net.forward(&x, true));
+            let (want, _) = net.forward(&x, true).unwrap();
+            let (got, features) = autocast(Some(Kind::BFloat16), || net.forward(&x, true).unwrap());
             assert_eq!(autocast_kind(), None, "autocast left on");
             assert_eq!((got.kind(), features.kind()), (Kind::Float, Kind::Float));
             // bf16 keeps 8 bits of mantissa: close to the f32 result, but not equal to it.
@@ -588,7 +831,7 @@ mod tests {
             );
 
             // The casts are differentiable: gradients reach the f32 weights, as f32.
-            let (logits, _) = autocast(Some(Kind::BFloat16), || net.forward(&x, true));
+            let (logits, _) = autocast(Some(Kind::BFloat16), || net.forward(&x, true).unwrap());
             logits.sum(Kind::Float).backward();
             for (name, _, p) in net.parameters() {
                 let g = p.grad();
@@ -620,7 +863,7 @@ mod tests {
             tch::manual_seed(10);
             let src = small(arch);
             // Non-trivial running statistics must survive the round trip too.
-            let _ = src.forward(&x, true);
+            let _ = src.forward(&x, true).unwrap();
             let path = dir.path().join(format!("{arch}.safetensors"));
             src.save(&path).unwrap();
             let written: Vec<String> = Tensor::read_safetensors(&path)
@@ -637,14 +880,14 @@ mod tests {
 
             tch::manual_seed(11);
             let mut dst = small(arch);
-            let (before, _) = dst.forward(&x, false);
-            let (want, want_features) = src.forward(&x, false);
+            let (before, _) = dst.forward(&x, false).unwrap();
+            let (want, want_features) = src.forward(&x, false).unwrap();
             assert!(
                 !before.allclose(&want, 1e-4, 1e-5, false),
                 "{arch}: seeds gave equal nets"
             );
             dst.load(&path).unwrap();
-            let (got, got_features) = dst.forward(&x, false);
+            let (got, got_features) = dst.forward(&x, false).unwrap();
             assert!(got.equal(&want), "{arch}");
             assert!(got_features.equal(&want_features), "{arch}");
             for (name, t) in src.state_dict() {
@@ -729,11 +972,5 @@ mod tests {
             "{err}"
         );
         assert!(dst.load(&dir.path().join("absent.safetensors")).is_err());
-    }
-
-    #[test]
-    fn network_is_send() {
-        fn assert_send<T: Send>() {}
-        assert_send::<Network>();
     }
 }

@@ -321,7 +321,7 @@ mod tests {
         let net = resnet(Arch::Resnet18, 0.125);
         // A batch-size-1 eval forward at 64×64 still pools to one feature vector.
         let x = Tensor::randn([1, 3, 64, 64], (Kind::Float, Device::Cpu));
-        let (logits, features) = net.forward(&x, false);
+        let (logits, features) = net.forward(&x, false).unwrap();
         assert_eq!(logits.size(), [1, 10]);
         assert_eq!(features.size(), [1, 64]);
     }

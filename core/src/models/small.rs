@@ -147,7 +147,7 @@ mod tests {
         assert_eq!(paths, ["fc0", "fc1", "fc2", "head"]);
         assert_eq!(net.feature_dim(), 20);
         let x = Tensor::randn([4, 1, 8, 8], (Kind::Float, Device::Cpu));
-        let (logits, features) = net.forward(&x, true);
+        let (logits, features) = net.forward(&x, true).unwrap();
         assert_eq!(logits.size(), [4, 5]);
         // Post-ReLU activations.
         assert_eq!(features.lt(0.0).any().int64_value(&[]), 0);
@@ -191,7 +191,7 @@ mod tests {
         assert_eq!(shapes[0].1, [6, 1, 5, 5]);
         assert_eq!(shapes[4].1, [120, 16 * 4 * 4]);
         let x = Tensor::randn([2, 1, 28, 28], (Kind::Float, Device::Cpu));
-        assert_eq!(net.forward(&x, false).0.size(), [2, 10]);
+        assert_eq!(net.forward(&x, false).unwrap().0.size(), [2, 10]);
         assert!(Network::build(&ModelConfig::new(Arch::Lenet5), 10, 1, 12, Device::Cpu).is_err());
     }
 }

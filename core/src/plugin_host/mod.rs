@@ -17,8 +17,9 @@ use serde::Deserialize;
 use toml::Spanned;
 use trellis_sdk::abi::FfiComponent;
 use trellis_sdk::{
-    Batch, Distiller, EpochInfo, Error, GroupSpec, Host, MetricValues, Optimizer, Outputs,
-    ParamGroup, PruneRequest, PruneResult, Pruner, Role, SchedulePoint, Scheduler, State,
+    Architecture, Batch, Callback, Distiller, EpochInfo, Error, Events, GroupSpec, Host,
+    MetricValues, Model, Optimizer, Outputs, Param, ParamGroup, PruneRequest, PruneResult, Pruner,
+    Role, SchedulePoint, Scheduler, State, StepControl, StepInfo,
 };
 
 pub use library::{open, sha256_of, ComponentInfo, Library, PluginInfo};
@@ -188,6 +189,8 @@ impl Registry {
             FfiComponent::Pruner(p) => Component::Pruner(Named::new(origin, p)),
             FfiComponent::Distiller(d) => Component::Distiller(Named::new(origin, d)),
             FfiComponent::Metric(m) => Component::Metric(Named::new(origin, m)),
+            FfiComponent::Model(m) => Component::Model(Named::new(origin, Model::from_ffi(m))),
+            FfiComponent::Callback(c) => Component::Callback(Named::new(origin, c)),
         })
     }
 }
@@ -273,6 +276,8 @@ pub enum Component {
     Pruner(Named<trellis_sdk::adapt::PrunerBox>),
     Distiller(Named<trellis_sdk::adapt::DistillerBox>),
     Metric(Named<trellis_sdk::adapt::MetricBox>),
+    Model(Named<Model>),
+    Callback(Named<trellis_sdk::adapt::CallbackBox>),
 }
 
 impl Component {
@@ -303,6 +308,19 @@ impl Component {
     pub fn into_metric(self) -> Option<Box<dyn trellis_sdk::Metric>> {
         match self {
             Component::Metric(m) => Some(Box::new(m)),
+            _ => None,
+        }
+    }
+    /// The model, its errors naming the component.
+    pub fn into_model(self) -> Option<Model> {
+        match self {
+            Component::Model(m) => Some(Model::new(m)),
+            _ => None,
+        }
+    }
+    pub fn into_callback(self) -> Option<Box<dyn Callback>> {
+        match self {
+            Component::Callback(c) => Some(Box::new(c)),
             _ => None,
         }
     }
@@ -360,11 +378,12 @@ impl<T: Distiller> Distiller for Named<T> {
         let r = self.inner.trainable_parameters();
         self.wrap(r)
     }
-    fn replaces_task_loss(&self) -> bool {
-        self.inner.replaces_task_loss()
+    fn replaces_task_loss(&self) -> trellis_sdk::Result<bool> {
+        self.wrap(self.inner.replaces_task_loss())
     }
-    fn set_training(&mut self, train: bool) {
-        self.inner.set_training(train)
+    fn set_training(&mut self, train: bool) -> trellis_sdk::Result<()> {
+        let r = self.inner.set_training(train);
+        self.wrap(r)
     }
     fn loss(
         &mut self,
@@ -388,8 +407,8 @@ impl<T: trellis_sdk::Metric> trellis_sdk::Metric for Named<T> {
         let r = self.inner.reset();
         self.wrap(r)
     }
-    fn wants_batches(&self) -> bool {
-        self.inner.wants_batches()
+    fn wants_batches(&self) -> trellis_sdk::Result<bool> {
+        self.wrap(self.inner.wants_batches())
     }
     fn update(&mut self, batch: &Batch, outputs: &Outputs) -> trellis_sdk::Result<()> {
         let r = self.inner.update(batch, outputs);
@@ -397,6 +416,91 @@ impl<T: trellis_sdk::Metric> trellis_sdk::Metric for Named<T> {
     }
     fn compute(&mut self, info: EpochInfo) -> trellis_sdk::Result<MetricValues> {
         let r = self.inner.compute(info);
+        self.wrap(r)
+    }
+}
+
+impl<T: Architecture> Architecture for Named<T> {
+    fn forward(&self, inputs: &tch::Tensor) -> trellis_sdk::Result<Outputs> {
+        self.wrap(self.inner.forward(inputs))
+    }
+    fn head(&self, features: &tch::Tensor) -> trellis_sdk::Result<tch::Tensor> {
+        self.wrap(self.inner.head(features))
+    }
+    fn parameters(&self) -> trellis_sdk::Result<Vec<Param>> {
+        self.wrap(self.inner.parameters())
+    }
+    fn buffers(&self) -> trellis_sdk::Result<Vec<(String, tch::Tensor)>> {
+        self.wrap(self.inner.buffers())
+    }
+    fn set_training(&self, train: bool) -> trellis_sdk::Result<()> {
+        self.wrap(self.inner.set_training(train))
+    }
+    fn is_training(&self) -> trellis_sdk::Result<bool> {
+        self.wrap(self.inner.is_training())
+    }
+    fn set_double(&self, double: bool) -> trellis_sdk::Result<()> {
+        self.wrap(self.inner.set_double(double))
+    }
+    fn feature_dim(&self) -> trellis_sdk::Result<i64> {
+        self.wrap(self.inner.feature_dim())
+    }
+    fn spec(&self) -> trellis_sdk::Result<String> {
+        self.wrap(self.inner.spec())
+    }
+}
+
+impl<T: Callback> Callback for Named<T> {
+    fn events(&self) -> Events {
+        self.inner.events()
+    }
+    fn batch_start(&mut self, batch: Batch, at: StepInfo) -> trellis_sdk::Result<Batch> {
+        let r = self.inner.batch_start(batch, at);
+        self.wrap(r)
+    }
+    fn after_loss(
+        &mut self,
+        batch: &Batch,
+        outputs: &Outputs,
+        loss: &tch::Tensor,
+        at: StepInfo,
+    ) -> trellis_sdk::Result<Vec<(String, tch::Tensor)>> {
+        let r = self.inner.after_loss(batch, outputs, loss, at);
+        self.wrap(r)
+    }
+    fn after_backward(&mut self, at: StepInfo) -> trellis_sdk::Result<()> {
+        let r = self.inner.after_backward(at);
+        self.wrap(r)
+    }
+    fn optimizer_step(
+        &mut self,
+        control: &mut dyn StepControl,
+        at: StepInfo,
+    ) -> trellis_sdk::Result<bool> {
+        let r = self.inner.optimizer_step(control, at);
+        self.wrap(r)
+    }
+    fn after_step(&mut self, at: StepInfo) -> trellis_sdk::Result<()> {
+        let r = self.inner.after_step(at);
+        self.wrap(r)
+    }
+    fn epoch_end(&mut self, info: EpochInfo) -> trellis_sdk::Result<()> {
+        let r = self.inner.epoch_end(info);
+        self.wrap(r)
+    }
+    fn eval_start(&mut self, info: EpochInfo) -> trellis_sdk::Result<()> {
+        let r = self.inner.eval_start(info);
+        self.wrap(r)
+    }
+    fn eval_end(&mut self, info: EpochInfo) -> trellis_sdk::Result<()> {
+        let r = self.inner.eval_end(info);
+        self.wrap(r)
+    }
+    fn state(&self) -> trellis_sdk::Result<State> {
+        self.wrap(self.inner.state())
+    }
+    fn load_state(&mut self, state: State) -> trellis_sdk::Result<()> {
+        let r = self.inner.load_state(state);
         self.wrap(r)
     }
 }

@@ -10,10 +10,8 @@
 //! table) and `teacher_checkpoint` (the `model.safetensors` of the run that trained it).
 //!
 //! **Pixel space.** The attack budget and the jitter are defined on pixels in [0, 1], but the
-//! model sees normalised inputs (x − mean)/std per channel. The host does not tell components its
-//! normalisation, so the metrics that need it take `mean` and `std` keys (CIFAR-10's statistics by
-//! default). For the synthetic data, set them to the run's statistics, or the pixel-space ε and
-//! the clip to [0, 1] are slightly off.
+//! model sees normalised inputs (x − mean)/std per channel; the metrics undo and redo the
+//! normalisation the host tells them (`Host::normalization`), whatever the dataset.
 
 use std::path::PathBuf;
 
@@ -23,10 +21,6 @@ use trellis_sdk::{
     Batch, Component, EpochInfo, Error, Host, Metric, MetricValues, Model, Outputs, Plugin, Result,
 };
 use trellis_teacher::load_teacher;
-
-/// CIFAR-10's per-channel statistics, the normalisation of the CIFAR literature.
-const CIFAR10_MEAN: [f64; 3] = [0.4914, 0.4822, 0.4465];
-const CIFAR10_STD: [f64; 3] = [0.2470, 0.2435, 0.2616];
 
 fn top1(logits: &Tensor) -> Tensor {
     logits.argmax(-1, false)
@@ -67,23 +61,25 @@ pub struct Normalisation {
 }
 
 impl Normalisation {
-    fn from_config(mean: &[f64], std: &[f64]) -> Result<Normalisation> {
-        if mean.is_empty() || mean.len() != std.len() {
-            return Err(Error::config(
-                "std",
-                format!(
-                    "mean and std need one value per channel, got {} and {}",
-                    mean.len(),
-                    std.len()
-                ),
-            ));
+    /// The normalisation the host applies to the run's images.
+    pub fn of_host(host: &Host) -> Result<Normalisation> {
+        let n = host.normalization();
+        if n.mean.is_empty() || n.mean.len() != n.std.len() {
+            return Err(Error::msg(format!(
+                "the host's normalisation has {} means and {} stds",
+                n.mean.len(),
+                n.std.len()
+            )));
         }
-        if std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
-            return Err(Error::config("std", "every std must be > 0"));
+        if n.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(Error::msg(format!(
+                "the host's normalisation has a std that is not > 0: {:?}",
+                n.std
+            )));
         }
         Ok(Normalisation {
-            mean: mean.to_vec(),
-            std: std.to_vec(),
+            mean: n.mean,
+            std: n.std,
         })
     }
 
@@ -92,8 +88,7 @@ impl Normalisation {
         let channels = like.size().get(1).copied().unwrap_or(0);
         if like.dim() != 4 || channels != values.len() as i64 {
             return Err(Error::msg(format!(
-                "mean/std have {} channels but the images are {:?}: set `mean` and `std` to the \
-                 data's per-channel statistics",
+                "the normalisation has {} channels but the images are {:?}",
                 values.len(),
                 like.size()
             )));
@@ -200,9 +195,6 @@ pub struct AdversarialConfig {
     /// Attack only the first N evaluation images (0: all of them); the attack costs `steps`
     /// teacher forward and backward passes per image.
     pub max_images: i64,
-    /// Per-channel normalisation of the inputs (see the crate documentation).
-    pub mean: Vec<f64>,
-    pub std: Vec<f64>,
     pub teacher_checkpoint: PathBuf,
     pub teacher: toml::Table,
 }
@@ -214,8 +206,6 @@ impl Default for AdversarialConfig {
             steps: 5,
             step_size: 2.0 / 255.0,
             max_images: 0,
-            mean: CIFAR10_MEAN.to_vec(),
-            std: CIFAR10_STD.to_vec(),
             teacher_checkpoint: PathBuf::new(),
             teacher: toml::Table::new(),
         }
@@ -299,7 +289,7 @@ impl Component for AdversarialTransfer {
                 "max_images must be >= 0 (0: all)",
             ));
         }
-        let normalisation = Normalisation::from_config(&config.mean, &config.std)?;
+        let normalisation = Normalisation::of_host(&host)?;
         let teacher = load_teacher(
             &host,
             Self::NAME,
@@ -308,7 +298,7 @@ impl Component for AdversarialTransfer {
         )?;
         Ok(AdversarialTransfer {
             teacher,
-            student: host.model(),
+            student: host.model()?,
             normalisation,
             epsilon: config.epsilon,
             steps: config.steps,
@@ -409,9 +399,6 @@ pub struct JitterConfig {
     /// Seed of the jitter draws; every evaluation (and every run with the same seed) jitters
     /// image i the same way, so numbers are comparable across epochs and runs.
     pub seed: u64,
-    /// Per-channel normalisation of the inputs (see the crate documentation).
-    pub mean: Vec<f64>,
-    pub std: Vec<f64>,
     /// Optional: with a teacher, its invariance is reported too, for comparison.
     pub teacher_checkpoint: PathBuf,
     pub teacher: toml::Table,
@@ -425,8 +412,6 @@ impl Default for JitterConfig {
             saturation: 0.4,
             hue: 0.2,
             seed: 0,
-            mean: CIFAR10_MEAN.to_vec(),
-            std: CIFAR10_STD.to_vec(),
             teacher_checkpoint: PathBuf::new(),
             teacher: toml::Table::new(),
         }
@@ -595,7 +580,7 @@ impl Component for JitterInvariance {
                 ));
             }
         }
-        let normalisation = Normalisation::from_config(&config.mean, &config.std)?;
+        let normalisation = Normalisation::of_host(&host)?;
         let teacher =
             if config.teacher.is_empty() && config.teacher_checkpoint.as_os_str().is_empty() {
                 None
@@ -608,7 +593,7 @@ impl Component for JitterInvariance {
                 )?)
             };
         Ok(JitterInvariance {
-            student: host.model(),
+            student: host.model()?,
             teacher,
             normalisation,
             strengths: Jitter {
@@ -701,7 +686,8 @@ trellis_sdk::export_plugin!(Plugin::new(
 #[cfg(test)]
 mod tests {
     use tch::Device;
-    use trellis_sdk::{LayerKind, ModelServices, Param};
+    use trellis_sdk::testing::FakeHost;
+    use trellis_sdk::{Architecture, LayerKind, Normalization, Param};
 
     use super::*;
 
@@ -740,7 +726,7 @@ mod tests {
         }
     }
 
-    impl ModelServices for Linear {
+    impl Architecture for Linear {
         fn forward(&self, inputs: &Tensor) -> Result<Outputs> {
             let features = inputs.flatten(1, -1);
             Ok(Outputs {
@@ -751,26 +737,32 @@ mod tests {
         fn head(&self, features: &Tensor) -> Result<Tensor> {
             Ok(features.linear(&self.weight, Some(&self.bias)))
         }
-        fn parameters(&self) -> Vec<Param> {
-            vec![Param {
+        fn parameters(&self) -> Result<Vec<Param>> {
+            Ok(vec![Param {
                 name: "fc.weight".into(),
                 module: "fc".into(),
                 kind: LayerKind::Linear,
                 tensor: self.weight.shallow_clone(),
-            }]
+            }])
         }
-        fn buffers(&self) -> Vec<(String, Tensor)> {
-            Vec::new()
+        fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
+            Ok(Vec::new())
         }
-        fn set_training(&self, _train: bool) {}
-        fn is_training(&self) -> bool {
-            false
+        fn set_training(&self, _train: bool) -> Result<()> {
+            Ok(())
+        }
+        fn is_training(&self) -> Result<bool> {
+            Ok(false)
         }
         fn set_double(&self, _double: bool) -> Result<()> {
             Ok(())
         }
-        fn arch(&self) -> String {
-            "linear".into()
+        /// The flattened `[3, 2, 2]` image.
+        fn feature_dim(&self) -> Result<i64> {
+            Ok(12)
+        }
+        fn spec(&self) -> Result<String> {
+            Ok("use = \"linear\"\n".into())
         }
     }
 
@@ -791,8 +783,20 @@ mod tests {
             .1
     }
 
+    /// CIFAR-10's per-channel statistics, as a host normalising CIFAR images tells them.
+    fn cifar_stats() -> Normalization {
+        Normalization {
+            mean: vec![0.4914, 0.4822, 0.4465],
+            std: vec![0.2470, 0.2435, 0.2616],
+        }
+    }
+
+    /// The normalisation the metrics take from a host with [`cifar_stats`].
     fn cifar() -> Normalisation {
-        Normalisation::from_config(&CIFAR10_MEAN, &CIFAR10_STD).unwrap()
+        let host = FakeHost::without_model()
+            .normalization(cifar_stats())
+            .host();
+        Normalisation::of_host(&host).unwrap()
     }
 
     /// Normalised inputs of random pixels in [0, 1].
@@ -1024,6 +1028,34 @@ mod tests {
             "a linear model on random pixels is not jitter invariant"
         );
         assert_eq!(first, second, "every evaluation must draw the same jitters");
+    }
+
+    #[test]
+    fn metrics_take_the_hosts_normalisation_and_no_mean_or_std_keys() {
+        let host = |normalization: Normalization| {
+            FakeHost::new(Linear::random(7, 1.0))
+                .classes(3)
+                .input_shape([3, 2, 2])
+                .normalization(normalization)
+                .host()
+        };
+        let metric = JitterInvariance::new(JitterConfig::default(), host(cifar_stats())).unwrap();
+        assert_eq!(metric.normalisation, cifar());
+        assert_eq!(metric.normalisation.mean, cifar_stats().mean);
+        // What the removed `mean`/`std` keys checked, now of the host's normalisation.
+        for (mean, std) in [
+            (vec![0.5; 3], vec![0.5; 2]),
+            (vec![0.5; 3], vec![0.5, 0.0, 0.5]),
+        ] {
+            let err =
+                JitterInvariance::new(JitterConfig::default(), host(Normalization { mean, std }))
+                    .err()
+                    .unwrap();
+            assert!(err.message.contains("normalisation"), "{}", err.message);
+        }
+        let keys = "mean = [0.5, 0.5, 0.5]\nstd = [0.25, 0.25, 0.25]";
+        assert!(trellis_sdk::parse_config::<JitterConfig>(keys).is_err());
+        assert!(trellis_sdk::parse_config::<AdversarialConfig>(keys).is_err());
     }
 
     #[test]

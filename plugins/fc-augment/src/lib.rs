@@ -18,9 +18,7 @@
 
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Reduction, Tensor};
-use trellis_sdk::{
-    Batch, Component, Distiller, Error, Host, LayerKind, Model, Outputs, Plugin, Result,
-};
+use trellis_sdk::{Batch, Component, Distiller, Error, Host, Model, Outputs, Plugin, Result};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -169,35 +167,6 @@ impl FeatureRefiner {
     }
 }
 
-/// The width of the features the model's head reads: the input size of its last Linear layer,
-/// checked by applying the head to a zero feature vector.
-fn feature_dim(model: &Model, classes: i64) -> Result<i64> {
-    let last_linear = model
-        .parameters()
-        .into_iter()
-        .rev()
-        .find(|p| p.kind == LayerKind::Linear && p.name.ends_with("weight") && p.tensor.dim() == 2)
-        .ok_or_else(|| Error::msg("fc_augment needs a model whose head is a Linear layer"))?;
-    let [_, dim] = last_linear.tensor.size()[..] else {
-        unreachable!("filtered to 2-d weights")
-    };
-    let probe = tch::no_grad(|| {
-        let zeros = Tensor::zeros(
-            [1, dim],
-            (last_linear.tensor.kind(), last_linear.tensor.device()),
-        );
-        model.head(&zeros)
-    })?;
-    if probe.size() != [1, classes] {
-        return Err(Error::msg(format!(
-            "fc_augment could not find the model's head: its last Linear layer `{}` does not map \
-             the pooled features to the {classes} classes",
-            last_linear.name
-        )));
-    }
-    Ok(dim)
-}
-
 pub struct FcAugment {
     model: Model,
     refiner: FeatureRefiner,
@@ -229,9 +198,9 @@ impl Component for FcAugment {
                 "m must be a finite number (0 by default)",
             ));
         }
-        let model = host.model();
+        let model = host.model()?;
         let classes = host.num_classes();
-        let features = feature_dim(&model, classes)?;
+        let features = model.feature_dim()?;
         let refiner =
             FeatureRefiner::new(features, config.d, config.n_inner, classes, host.device());
         Ok(FcAugment {
@@ -247,8 +216,8 @@ impl Distiller for FcAugment {
         Ok(self.refiner.parameters())
     }
 
-    fn replaces_task_loss(&self) -> bool {
-        true
+    fn replaces_task_loss(&self) -> Result<bool> {
+        Ok(true)
     }
 
     fn loss(&mut self, batch: &Batch, outputs: &Outputs) -> Result<Vec<(String, Tensor)>> {
@@ -277,39 +246,31 @@ trellis_sdk::export_plugin!(Plugin::new(
 
 #[cfg(test)]
 mod tests {
-    use std::path::{Path, PathBuf};
-
-    use trellis_sdk::{GroupRate, HostServices, ModelServices, Param};
+    use trellis_sdk::testing::{FakeHost, TinyNet};
+    use trellis_sdk::{Architecture, LayerKind, Param};
 
     use super::*;
 
-    /// features = relu(x·W1ᵀ), logits = features·W2ᵀ + b2: a backbone parameter (W1) and a head.
-    struct TinyNet {
+    /// features = relu(x·W1ᵀ) of width 5, logits = features·W2ᵀ + b2: a backbone parameter (W1)
+    /// and a head, on inputs of 3 values.
+    struct TwoLayer {
         w1: Tensor,
         w2: Tensor,
         b2: Tensor,
     }
 
-    impl TinyNet {
-        fn new() -> TinyNet {
+    impl TwoLayer {
+        fn new() -> TwoLayer {
             tch::manual_seed(7);
-            TinyNet {
+            TwoLayer {
                 w1: Tensor::randn([5, 3], (Kind::Float, Device::Cpu)).set_requires_grad(true),
                 w2: Tensor::randn([2, 5], (Kind::Float, Device::Cpu)).set_requires_grad(true),
                 b2: Tensor::zeros([2], (Kind::Float, Device::Cpu)).set_requires_grad(true),
             }
         }
-
-        fn share(&self) -> TinyNet {
-            TinyNet {
-                w1: self.w1.shallow_clone(),
-                w2: self.w2.shallow_clone(),
-                b2: self.b2.shallow_clone(),
-            }
-        }
     }
 
-    impl ModelServices for TinyNet {
+    impl Architecture for TwoLayer {
         fn forward(&self, inputs: &Tensor) -> Result<Outputs> {
             let features = inputs.linear::<Tensor>(&self.w1, None).relu();
             Ok(Outputs {
@@ -320,86 +281,73 @@ mod tests {
         fn head(&self, features: &Tensor) -> Result<Tensor> {
             Ok(features.linear(&self.w2, Some(&self.b2)))
         }
-        fn parameters(&self) -> Vec<Param> {
+        fn parameters(&self) -> Result<Vec<Param>> {
             let param = |name: &str, module: &str, t: &Tensor| Param {
                 name: name.into(),
                 module: module.into(),
                 kind: LayerKind::Linear,
                 tensor: t.shallow_clone(),
             };
-            vec![
+            Ok(vec![
                 param("body.weight", "body", &self.w1),
                 param("head.weight", "head", &self.w2),
                 param("head.bias", "head", &self.b2),
-            ]
+            ])
         }
-        fn buffers(&self) -> Vec<(String, Tensor)> {
-            Vec::new()
+        fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
+            Ok(Vec::new())
         }
-        fn set_training(&self, _train: bool) {}
-        fn is_training(&self) -> bool {
-            true
+        fn set_training(&self, _train: bool) -> Result<()> {
+            Ok(())
+        }
+        fn is_training(&self) -> Result<bool> {
+            Ok(true)
         }
         fn set_double(&self, _double: bool) -> Result<()> {
             Ok(())
         }
-        fn arch(&self) -> String {
-            "tiny".into()
+        fn feature_dim(&self) -> Result<i64> {
+            Ok(5)
+        }
+        fn spec(&self) -> Result<String> {
+            Ok("use = \"two_layer\"\n".into())
         }
     }
 
-    struct TinyHost(TinyNet);
-
-    impl HostServices for TinyHost {
-        fn model(&self) -> Model {
-            Model::new(self.0.share())
-        }
-        fn num_classes(&self) -> i64 {
-            2
-        }
-        fn device(&self) -> Device {
-            Device::Cpu
-        }
-        fn seed(&self) -> u64 {
-            0
-        }
-        fn train_batch(&self) -> Result<Batch> {
-            Err(Error::msg("no data"))
-        }
-        fn build_model(&self, _spec: &str, _checkpoint: &Path) -> Result<Model> {
-            Err(Error::msg("no models"))
-        }
-        fn learning_rates(&self) -> Vec<GroupRate> {
-            Vec::new()
-        }
-        fn run_dir(&self) -> Option<PathBuf> {
-            None
-        }
-        fn config_dir(&self) -> PathBuf {
-            PathBuf::from(".")
-        }
-    }
-
-    fn setup(m: f64) -> (TinyNet, FcAugment, Batch) {
-        let net = TinyNet::new();
-        let host = Host::new(TinyHost(net.share()));
-        let config = FcAugmentConfig {
+    fn config(m: f64) -> FcAugmentConfig {
+        FcAugmentConfig {
             d: 4,
             n_inner: 1,
             m,
-        };
-        let fc = FcAugment::new(config, host).unwrap();
+        }
+    }
+
+    /// The SDK's tiny conv net (2 classes) seen through a fake host, fc_augment on it, and a
+    /// batch of six 3×6×6 images.
+    fn setup(m: f64) -> (Model, FcAugment, Batch) {
+        tch::manual_seed(7);
+        let host = FakeHost::new(TinyNet::new(3, 2))
+            .classes(2)
+            .input_shape([3, 6, 6])
+            .host();
+        let net = host.model().unwrap();
+        let fc = FcAugment::new(config(m), host).unwrap();
         let batch = Batch {
-            inputs: Tensor::randn([6, 3], (Kind::Float, Device::Cpu)),
+            inputs: Tensor::randn([6, 3, 6, 6], (Kind::Float, Device::Cpu)),
             targets: Tensor::from_slice(&[0i64, 1, 1, 0, 1, 0]),
         };
         (net, fc, batch)
     }
 
-    /// The gradient of W1 (backbone) and W2 (head) from the chosen loss terms.
-    fn grads(net: &TinyNet, fc: &mut FcAugment, batch: &Batch, terms: &[&str]) -> (Tensor, Tensor) {
-        for t in [&net.w1, &net.w2, &net.b2] {
-            t.shallow_clone().zero_grad();
+    fn param(net: &Model, name: &str) -> Tensor {
+        let params = net.parameters().unwrap();
+        params.into_iter().find(|p| p.name == name).unwrap().tensor
+    }
+
+    /// The gradient of the backbone's conv and the head's weight from the chosen loss terms.
+    fn grads(net: &Model, fc: &mut FcAugment, batch: &Batch, terms: &[&str]) -> (Tensor, Tensor) {
+        for p in net.parameters().unwrap() {
+            p.tensor.shallow_clone().zero_grad();
         }
         for (_, p) in fc.refiner.parameters() {
             p.shallow_clone().zero_grad();
@@ -421,7 +369,10 @@ mod tests {
                 t.zeros_like()
             }
         };
-        (grad(&net.w1), grad(&net.w2))
+        (
+            grad(&param(net, "conv1.weight")),
+            grad(&param(net, "linear.weight")),
+        )
     }
 
     fn norm(t: &Tensor) -> f64 {
@@ -512,8 +463,13 @@ mod tests {
     }
 
     #[test]
-    fn finds_the_feature_width_from_the_head() {
-        let (_, fc, _) = setup(0.0);
+    fn the_refiner_reads_the_models_feature_dim() {
+        let host = FakeHost::new(TwoLayer::new())
+            .classes(2)
+            .input_shape([3, 1, 1])
+            .host();
+        assert_eq!(host.model().unwrap().feature_dim().unwrap(), 5);
+        let fc = FcAugment::new(config(0.0), host).unwrap();
         assert_eq!(fc.refiner.input.weight.size(), [4, 5]);
         assert_eq!(fc.refiner.classifier.weight.size(), [2, 4]);
     }

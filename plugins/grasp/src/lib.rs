@@ -117,7 +117,7 @@ pub fn grasp_scores(
 impl Pruner for Grasp {
     fn prune(&mut self, request: PruneRequest) -> Result<PruneResult> {
         pai::check_request(&request, "grasp", true)?;
-        let model = self.host.model();
+        let model = self.host.model()?;
         let params = pai::prunable(&model)?;
         let scores = grasp_scores(&model, &request, &self.config)?;
         // Lowest scores pruned: the shared threshold keeps the highest.
@@ -225,17 +225,17 @@ mod tests {
         .unwrap();
         grasp.prune(request(0.5, vec![tiny::batch(0, 4)])).unwrap();
         let model = net.model();
-        let params = model.parameters();
+        let params = model.parameters().unwrap();
         assert_close(
             &values(&params[0].tensor),
             tiny::WEIGHTS.w1.as_flattened(),
             0.0,
         );
         assert!(params.iter().all(|p| !p.tensor.grad().defined()));
-        let buffers = model.buffers();
+        let buffers = model.buffers().unwrap();
         assert_close(&values(&buffers[0].1), &tiny::BN_RUNNING_MEAN, 0.0);
         assert_close(&values(&buffers[1].1), &tiny::BN_RUNNING_VAR, 0.0);
-        assert!(!model.is_training());
+        assert!(!model.is_training().unwrap());
     }
 
     #[test]

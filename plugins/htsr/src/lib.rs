@@ -159,8 +159,8 @@ impl Metric for Htsr {
         Ok(())
     }
 
-    fn wants_batches(&self) -> bool {
-        false
+    fn wants_batches(&self) -> Result<bool> {
+        Ok(false)
     }
 
     fn update(&mut self, _batch: &Batch, _outputs: &Outputs) -> Result<()> {
@@ -187,7 +187,7 @@ impl Metric for Htsr {
             rows: Vec::new(),
         };
         let mut points = Vec::new();
-        for (layer, weight) in analysed_layers(&self.host.model()) {
+        for (layer, weight) in analysed_layers(&self.host.model()?)? {
             let spectrum = analyze(&weight, self.config.fit)
                 .map_err(|e| Error::msg(format!("the ESD of `{layer}`: {e}")))?;
             let lr = layer_rate(&rates, &layer);

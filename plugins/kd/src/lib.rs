@@ -130,8 +130,8 @@ impl Component for Kd {
 }
 
 impl Distiller for Kd {
-    fn replaces_task_loss(&self) -> bool {
-        true
+    fn replaces_task_loss(&self) -> Result<bool> {
+        Ok(true)
     }
 
     fn loss(&mut self, batch: &Batch, outputs: &Outputs) -> Result<Vec<(String, Tensor)>> {

@@ -69,10 +69,10 @@ struct Linearised {
 impl Linearised {
     fn new(model: &Model) -> Result<Linearised> {
         let tensors: Vec<Tensor> = model
-            .parameters()
+            .parameters()?
             .into_iter()
             .map(|p| p.tensor)
-            .chain(model.buffers().into_iter().map(|(_, b)| b))
+            .chain(model.buffers()?.into_iter().map(|(_, b)| b))
             .collect();
         let signs = tch::no_grad(|| -> Result<Vec<Tensor>> {
             let mut signs = Vec::with_capacity(tensors.len());
@@ -174,7 +174,7 @@ impl Pruner for SynFlow {
             bail!("synflow takes the input shape from the scoring batch, and the request has none");
         };
         let input_shape = batch.inputs.size()[1..].to_vec();
-        let model = self.host.model();
+        let model = self.host.model()?;
         let original_kind = pai::prunable(&model)?[0].tensor.kind();
         let to_double = self.config.float64 && original_kind != Kind::Double;
         let (masks, scores) = pai::with_bn_mode(&model, BnMode::Eval, || {
@@ -237,7 +237,7 @@ impl Component for Magnitude {
 impl Pruner for Magnitude {
     fn prune(&mut self, request: PruneRequest) -> Result<PruneResult> {
         pai::check_request(&request, "magnitude", false)?;
-        let params = pai::prunable(&self.host.model())?;
+        let params = pai::prunable(&self.host.model()?)?;
         let scores = params
             .iter()
             .map(|p| p.tensor.f_detach()?.f_abs())
@@ -314,7 +314,7 @@ pub fn normal_noise(seed: u64, n: usize) -> Vec<f64> {
 impl Pruner for Random {
     fn prune(&mut self, request: PruneRequest) -> Result<PruneResult> {
         pai::check_request(&request, "random", false)?;
-        let params = pai::prunable(&self.host.model())?;
+        let params = pai::prunable(&self.host.model()?)?;
         let total: usize = params.iter().map(|p| p.tensor.numel()).sum();
         let noise = normal_noise(self.seed, total);
         let mut offset = 0;
@@ -399,7 +399,7 @@ mod tests {
 
     /// The weights the network actually holds (float32-rounded when it is float32).
     fn held_weights(net: &tiny::Tiny) -> Weights {
-        let params = net.model().prunable_parameters();
+        let params = net.model().prunable_parameters().unwrap();
         let all: Vec<f64> = params.iter().flat_map(|p| values(&p.tensor)).collect();
         tiny::with_prunable_values(&tiny::WEIGHTS, &all)
     }
@@ -448,9 +448,16 @@ mod tests {
         let before: Vec<Vec<f64>> = net
             .model()
             .parameters()
+            .unwrap()
             .iter()
             .map(|p| values(&p.tensor))
-            .chain(net.model().buffers().iter().map(|(_, b)| values(b)))
+            .chain(
+                net.model()
+                    .buffers()
+                    .unwrap()
+                    .iter()
+                    .map(|(_, b)| values(b)),
+            )
             .collect();
         let mut synflow = SynFlow::new(
             SynFlowConfig {
@@ -489,17 +496,19 @@ mod tests {
         let model = net.model();
         assert!(model
             .parameters()
+            .unwrap()
             .iter()
             .all(|p| p.tensor.kind() == Kind::Float));
         assert!(result.masks.iter().all(|(_, m)| m.kind() == Kind::Float));
         let after: Vec<Vec<f64>> = model
             .parameters()
+            .unwrap()
             .iter()
             .map(|p| values(&p.tensor))
-            .chain(model.buffers().iter().map(|(_, b)| values(b)))
+            .chain(model.buffers().unwrap().iter().map(|(_, b)| values(b)))
             .collect();
         assert_eq!(before, after);
-        assert!(!model.is_training());
+        assert!(!model.is_training().unwrap());
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub mod testing;
 /// The weights pruners score and mask: every Conv2d and Linear weight, the first conv, the 1×1
 /// shortcuts and the classifier included; never biases or BatchNorm.
 pub fn prunable(model: &Model) -> Result<Vec<Param>> {
-    let params = model.prunable_parameters();
+    let params = model.prunable_parameters()?;
     if params.is_empty() {
         bail!("the model has no Conv2d or Linear weights to prune");
     }
@@ -289,11 +289,11 @@ pub fn with_bn_mode<R>(
     mode: BnMode,
     score: impl FnOnce() -> Result<R>,
 ) -> Result<R> {
-    let was_training = model.is_training();
+    let was_training = model.is_training()?;
     let saved: Vec<(Tensor, Tensor)> = match mode {
         BnMode::Eval => Vec::new(),
         BnMode::Train => model
-            .buffers()
+            .buffers()?
             .into_iter()
             .map(|(_, b)| {
                 let copy = b.f_detach_copy()?;
@@ -301,9 +301,9 @@ pub fn with_bn_mode<R>(
             })
             .collect::<Result<_>>()?,
     };
-    model.set_training(mode == BnMode::Train);
+    model.set_training(mode == BnMode::Train)?;
     let result = score();
-    model.set_training(was_training);
+    model.set_training(was_training)?;
     let restored: Result<()> = tch::no_grad(|| {
         for (buffer, copy) in &saved {
             buffer.shallow_clone().f_copy_(copy)?;

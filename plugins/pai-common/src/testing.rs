@@ -6,13 +6,10 @@
 use std::cell::Cell;
 use std::rc::Rc;
 
-use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
-use trellis_sdk::{
-    Batch, Error, GroupRate, Host, HostServices, LayerKind, Model, ModelServices, Outputs, Param,
-    Result,
-};
+use trellis_sdk::testing::{set_kind, FakeHost};
+use trellis_sdk::{Architecture, Batch, Host, LayerKind, Model, Outputs, Param, Result};
 
 /// The network's weights in plain numbers.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -93,8 +90,6 @@ pub struct Tiny(Rc<TinyNet>);
 
 struct View(Rc<TinyNet>);
 
-struct TinyHost(Rc<TinyNet>);
-
 impl Tiny {
     /// The network with `weights`, optionally with BatchNorm after `fc1`, in eval mode.
     pub fn new(weights: &Weights, batch_norm: bool) -> Tiny {
@@ -105,43 +100,19 @@ impl Tiny {
         Model::new(View(self.0.clone()))
     }
 
-    /// A host whose model is this network; it has no training data or run directory.
+    /// A host whose model is this network: 2 classes, inputs of 3 values (told as `[3, 1, 1]`;
+    /// the network takes them flat, `[B, 3]`), the whole fixed batch as its training data, no
+    /// run directory.
     pub fn host(&self) -> Host {
-        Host::new(TinyHost(self.0.clone()))
+        FakeHost::new(View(self.0.clone()))
+            .classes(2)
+            .input_shape([3, 1, 1])
+            .batches(vec![batch(0, 4)])
+            .host()
     }
 }
 
-impl HostServices for TinyHost {
-    fn model(&self) -> Model {
-        Model::new(View(self.0.clone()))
-    }
-    fn num_classes(&self) -> i64 {
-        2
-    }
-    fn device(&self) -> tch::Device {
-        tch::Device::Cpu
-    }
-    fn seed(&self) -> u64 {
-        0
-    }
-    fn train_batch(&self) -> Result<Batch> {
-        Ok(batch(0, 4))
-    }
-    fn build_model(&self, _spec: &str, _checkpoint: &Path) -> Result<Model> {
-        Err(Error::msg("the tiny test host builds no models"))
-    }
-    fn learning_rates(&self) -> Vec<GroupRate> {
-        Vec::new()
-    }
-    fn run_dir(&self) -> Option<PathBuf> {
-        None
-    }
-    fn config_dir(&self) -> PathBuf {
-        PathBuf::from(".")
-    }
-}
-
-impl ModelServices for View {
+impl Architecture for View {
     fn forward(&self, inputs: &Tensor) -> Result<Outputs> {
         let features = self.0.features(inputs);
         Ok(Outputs {
@@ -155,8 +126,9 @@ impl ModelServices for View {
         Ok(features.linear(p("fc2.weight"), Some(p("fc2.bias"))))
     }
 
-    fn parameters(&self) -> Vec<Param> {
-        self.0
+    fn parameters(&self) -> Result<Vec<Param>> {
+        Ok(self
+            .0
             .params
             .iter()
             .map(|(name, kind, t)| Param {
@@ -165,38 +137,41 @@ impl ModelServices for View {
                 kind: *kind,
                 tensor: t.shallow_clone(),
             })
-            .collect()
+            .collect())
     }
 
-    fn buffers(&self) -> Vec<(String, Tensor)> {
-        self.0
+    fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(self
+            .0
             .buffers
             .iter()
             .map(|(n, t)| (n.clone(), t.shallow_clone()))
-            .collect()
+            .collect())
     }
 
-    fn set_training(&self, train: bool) {
-        self.0.training.set(train)
+    fn set_training(&self, train: bool) -> Result<()> {
+        self.0.training.set(train);
+        Ok(())
     }
 
-    fn is_training(&self) -> bool {
-        self.0.training.get()
+    fn is_training(&self) -> Result<bool> {
+        Ok(self.0.training.get())
     }
 
     fn set_double(&self, double: bool) -> Result<()> {
         let kind = if double { Kind::Double } else { Kind::Float };
         let all = self.0.params.iter().map(|p| &p.2);
-        tch::no_grad(|| {
-            for t in all.chain(self.0.buffers.iter().map(|b| &b.1)) {
-                t.shallow_clone().set_data(&t.to_kind(kind));
-            }
-        });
+        set_kind(all.chain(self.0.buffers.iter().map(|b| &b.1)), kind);
         Ok(())
     }
 
-    fn arch(&self) -> String {
-        "tiny".into()
+    /// `fc1`'s two units, after the optional BatchNorm and the ReLU.
+    fn feature_dim(&self) -> Result<i64> {
+        Ok(2)
+    }
+
+    fn spec(&self) -> Result<String> {
+        Ok("use = \"tiny\"\n".into())
     }
 }
 

@@ -217,16 +217,16 @@ pub fn analyze(weight: &Tensor, fit: Fit) -> Result<LayerSpectrum, TchError> {
 
 /// (module path, weight) of every Conv2d and Linear layer of a model, in registration order:
 /// the layers METHODS.md section 5 analyses.
-pub fn analysed_layers(model: &Model) -> Vec<(String, Tensor)> {
-    model
-        .parameters()
+pub fn analysed_layers(model: &Model) -> trellis_sdk::Result<Vec<(String, Tensor)>> {
+    Ok(model
+        .parameters()?
         .into_iter()
         .filter(|p| {
             matches!(p.kind, LayerKind::Conv2d | LayerKind::Linear)
                 && p.name.strip_prefix(p.module.as_str()) == Some(".weight")
         })
         .map(|p| (p.module, p.tensor))
-        .collect()
+        .collect())
 }
 
 #[cfg(test)]

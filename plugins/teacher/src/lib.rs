@@ -49,7 +49,7 @@ pub fn load_teacher(
             ),
         ));
     }
-    let teacher = host.build_model(&text, &path).map_err(|e| {
+    let teacher = host.build_model(&text, Some(&path)).map_err(|e| {
         // The host refuses a spec before it reads any weights; point at what is wrong.
         let key = if e.message.starts_with("invalid model spec") {
             "teacher"
@@ -66,6 +66,6 @@ pub fn load_teacher(
             ),
         )
     })?;
-    teacher.set_training(false);
+    teacher.set_training(false)?;
     Ok(teacher)
 }

@@ -287,7 +287,7 @@ impl TempBalance {
     /// Computes α of every balanced layer from the model's current weights, and the factors.
     fn recompute(&mut self) -> Result<()> {
         let weights: HashMap<String, Tensor> =
-            analysed_layers(&self.host.model()).into_iter().collect();
+            analysed_layers(&self.host.model()?)?.into_iter().collect();
         let mut alphas = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
             let Some(weight) = weights.get(layer) else {
@@ -315,7 +315,7 @@ impl TempBalance {
 
 impl Scheduler for TempBalance {
     fn param_groups(&mut self) -> Result<Vec<GroupSpec>> {
-        let groups = plan_groups(&self.host.model().parameters(), &self.config);
+        let groups = plan_groups(&self.host.model()?.parameters()?, &self.config);
         if groups.is_empty() {
             tracing::warn!(
                 "tempbalance balances no layer: none is left after removing the first and last \
@@ -396,9 +396,9 @@ trellis_sdk::export_plugin!(Plugin::new(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::{Path, PathBuf};
     use tch::Device;
-    use trellis_sdk::{Batch, GroupRate, HostServices, Model, ModelServices, Outputs};
+    use trellis_sdk::testing::FakeHost;
+    use trellis_sdk::{Architecture, Outputs};
 
     /// (module, kind, parameter shapes) in registration order.
     type Layout = Vec<(&'static str, LayerKind, Vec<(&'static str, Vec<i64>)>)>;
@@ -432,15 +432,16 @@ mod tests {
         params: Vec<(String, String, LayerKind, Tensor)>,
     }
 
-    impl ModelServices for FakeModel {
+    impl Architecture for FakeModel {
         fn forward(&self, _inputs: &Tensor) -> Result<Outputs> {
             bail!("not needed")
         }
         fn head(&self, _features: &Tensor) -> Result<Tensor> {
             bail!("not needed")
         }
-        fn parameters(&self) -> Vec<Param> {
-            self.params
+        fn parameters(&self) -> Result<Vec<Param>> {
+            Ok(self
+                .params
                 .iter()
                 .map(|(name, module, kind, t)| Param {
                     name: name.clone(),
@@ -448,59 +449,26 @@ mod tests {
                     kind: *kind,
                     tensor: t.shallow_clone(),
                 })
-                .collect()
+                .collect())
         }
-        fn buffers(&self) -> Vec<(String, Tensor)> {
-            Vec::new()
+        fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
+            Ok(Vec::new())
         }
-        fn set_training(&self, _train: bool) {}
-        fn is_training(&self) -> bool {
-            false
+        fn set_training(&self, _train: bool) -> Result<()> {
+            Ok(())
+        }
+        fn is_training(&self) -> Result<bool> {
+            Ok(false)
         }
         fn set_double(&self, _double: bool) -> Result<()> {
             Ok(())
         }
-        fn arch(&self) -> String {
-            "fake".into()
+        /// The input width of `fc`.
+        fn feature_dim(&self) -> Result<i64> {
+            Ok(64)
         }
-    }
-
-    struct FakeHost {
-        params: Vec<(String, String, LayerKind, Tensor)>,
-    }
-
-    impl HostServices for FakeHost {
-        fn model(&self) -> Model {
-            let params = self
-                .params
-                .iter()
-                .map(|(n, m, k, t)| (n.clone(), m.clone(), *k, t.shallow_clone()))
-                .collect();
-            Model::new(FakeModel { params })
-        }
-        fn num_classes(&self) -> i64 {
-            10
-        }
-        fn device(&self) -> Device {
-            Device::Cpu
-        }
-        fn seed(&self) -> u64 {
-            0
-        }
-        fn train_batch(&self) -> Result<Batch> {
-            bail!("not needed")
-        }
-        fn build_model(&self, _spec: &str, _checkpoint: &Path) -> Result<Model> {
-            bail!("not needed")
-        }
-        fn learning_rates(&self) -> Vec<GroupRate> {
-            Vec::new()
-        }
-        fn run_dir(&self) -> Option<PathBuf> {
-            None
-        }
-        fn config_dir(&self) -> PathBuf {
-            PathBuf::new()
+        fn spec(&self) -> Result<String> {
+            Ok("use = \"fake\"\n".into())
         }
     }
 
@@ -519,7 +487,10 @@ mod tests {
             .iter()
             .map(|(n, _, _, t)| (n.clone(), t.shallow_clone()))
             .collect();
-        (Host::new(FakeHost { params }), weights)
+        (
+            FakeHost::new(FakeModel { params }).classes(10).host(),
+            weights,
+        )
     }
 
     fn scheduler(config: Config, seed: i64) -> (TempBalance, Vec<(String, Tensor)>) {
@@ -579,7 +550,7 @@ mod tests {
             ["stem", "a.conv", "b.conv", "c.conv", "thin", "wide", "fc"]
         );
         let fc = plan_groups(
-            &tb.host.model().parameters(),
+            &tb.host.model().unwrap().parameters().unwrap(),
             &Config {
                 remove_last_layer: false,
                 eigs_thresh: 10,
