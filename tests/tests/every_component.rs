@@ -1,0 +1,266 @@
+//! One test over every component (Composer's `test_algorithm_resumption`): for each component the
+//! plugins of `examples/plugins.toml` provide, a short run stopped after its first epoch and
+//! resumed ends exactly where the uninterrupted run ends — weights bit for bit, every logged
+//! number equal. A new plugin is covered by adding it to that manifest; a component whose
+//! `state`/`load_state` misses something fails here.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use tch::Tensor;
+use trellis::plugin_host::Registry;
+use trellis_sdk::Role;
+use trellis_tests::*;
+
+/// The workspace plugins `examples/plugins.toml` lists, by package name.
+fn listed_packages() -> Vec<String> {
+    let text = std::fs::read_to_string(workspace_root().join("examples/plugins.toml")).unwrap();
+    let manifest: toml::Table = text.parse().unwrap();
+    manifest["plugin"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A manifest of the listed plugins as this test profile built them, in a directory that lives
+/// as long as the test process.
+fn manifest() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let packages = listed_packages();
+        let names: Vec<&str> = packages.iter().map(String::as_str).collect();
+        write_manifest(dir.path(), &names);
+        dir
+    })
+    .path()
+}
+
+/// Every (role, component) the listed plugins provide.
+fn components(role: Role) -> Vec<String> {
+    let registry = Registry::load(&manifest().join("plugins.toml")).unwrap();
+    registry
+        .components()
+        .into_iter()
+        .filter(|(_, c)| c.role == role)
+        .map(|(_, c)| c.name.clone())
+        .collect()
+}
+
+const BASE: &str = r#"
+[data]
+train_size = 160
+test_size = 80
+
+[train]
+epochs = 2
+batch_size = 40
+seed = 11
+device = "cpu"
+threads = 1
+"#;
+
+const MODEL: &str = "[model]\narch = \"resnet18\"\nwidth = 0.0625\n";
+const OPTIMIZER: &str =
+    "[optimizer]\nuse = \"sgd\"\nlr = 0.05\nmomentum = 0.9\nweight_decay = 5e-4\n";
+const METRICS: &str = "[[metrics]]\nuse = \"accuracy\"\n\n[[metrics]]\nuse = \"loss\"\n";
+
+/// The teacher the distillation components compare with: a run of the base config, once.
+fn teacher() -> &'static Path {
+    static TEACHER: OnceLock<PathBuf> = OnceLock::new();
+    TEACHER.get_or_init(|| {
+        let dir = manifest().join("teacher");
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = format!(
+            "plugins = \"{}\"\n{BASE}{MODEL}{OPTIMIZER}",
+            manifest().join("plugins.toml").display()
+        );
+        std::fs::write(dir.join("run.toml"), config).unwrap();
+        assert_ok(&trellis(
+            &dir,
+            &["run", "run.toml", "--out", "out", "--quiet"],
+        ));
+        dir.join("out/model.safetensors")
+    })
+}
+
+/// Keys a component needs beyond `use`, in its table.
+fn keys(role: Role, name: &str) -> String {
+    let teacher = || {
+        format!(
+            "teacher = {{ arch = \"resnet18\", width = 0.0625 }}\nteacher_checkpoint = \"{}\"\n",
+            teacher().display()
+        )
+    };
+    match (role, name) {
+        (Role::Optimizer, "sgd") => "lr = 0.05\nmomentum = 0.9\n".into(),
+        (Role::Optimizer, _) => "lr = 0.001\n".into(),
+        // Pruned mid-epoch, so the masks must come back from the checkpoint.
+        (Role::Pruner, _) => "sparsity = 0.5\nat_step = 2\n".into(),
+        (Role::Distiller, "kd") | (Role::Metric, "agreement") => teacher(),
+        (Role::Metric, "adversarial_transfer") => format!("{}max_images = 16\n", teacher()),
+        (Role::Callback, "ema") => "decay = 0.9\n".into(),
+        _ => String::new(),
+    }
+}
+
+/// The run config that exercises one component on top of the base run.
+fn config(manifest: &Path, role: Role, name: &str) -> String {
+    let table = format!("use = \"{name}\"\n{}", keys(role, name));
+    let (model, optimizer, extra) = match role {
+        Role::Model => (
+            format!("[model]\n{table}"),
+            OPTIMIZER.to_string(),
+            String::new(),
+        ),
+        Role::Optimizer => (
+            MODEL.to_string(),
+            format!("[optimizer]\n{table}"),
+            String::new(),
+        ),
+        Role::Scheduler => (
+            MODEL.into(),
+            OPTIMIZER.into(),
+            format!("[scheduler]\n{table}"),
+        ),
+        Role::Pruner => (MODEL.into(), OPTIMIZER.into(), format!("[pruner]\n{table}")),
+        Role::Distiller => (
+            MODEL.into(),
+            OPTIMIZER.into(),
+            format!("[[distillers]]\n{table}"),
+        ),
+        Role::Metric => (
+            MODEL.into(),
+            OPTIMIZER.into(),
+            format!("[[metrics]]\n{table}"),
+        ),
+        Role::Callback => (
+            MODEL.into(),
+            OPTIMIZER.into(),
+            format!("[[callbacks]]\n{table}"),
+        ),
+    };
+    format!(
+        "plugins = \"{}\"\n{BASE}{model}\n{optimizer}\n{METRICS}\n{extra}",
+        manifest.display()
+    )
+}
+
+fn tensors(path: &Path) -> Vec<(String, Tensor)> {
+    let mut t = Tensor::read_safetensors(path).unwrap();
+    t.sort_by(|a, b| a.0.cmp(&b.0));
+    t
+}
+
+/// Runs the component's config straight through and stopped-then-resumed; describes the first
+/// difference, if any.
+fn resume_difference(manifest: &Path, role: Role, name: &str) -> Option<String> {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("run.toml"), config(manifest, role, name)).unwrap();
+    let run = |args: &[&str]| {
+        let mut all = vec!["run", "run.toml", "--quiet"];
+        all.extend_from_slice(args);
+        let out = trellis(dir.path(), &all);
+        assert!(
+            out.status.success(),
+            "{role} {name}: trellis {all:?} failed:\n{}",
+            stderr(&out)
+        );
+    };
+    run(&["--out", "straight"]);
+    run(&["--out", "resumed", "--stop-after", "1"]);
+    run(&["--out", "resumed", "--resume"]);
+
+    let (a, b) = (dir.path().join("straight"), dir.path().join("resumed"));
+    let (ta, tb) = (
+        tensors(&a.join("model.safetensors")),
+        tensors(&b.join("model.safetensors")),
+    );
+    for ((na, wa), (_, wb)) in ta.iter().zip(&tb) {
+        if !wa.equal(wb) {
+            return Some(format!("{na} differs after resuming"));
+        }
+    }
+    for (ra, rb) in metrics(&a).iter().zip(&metrics(&b)) {
+        for key in ["step", "train_loss", "test", "tables", "lr"] {
+            if ra[key] != rb[key] {
+                return Some(format!(
+                    "epoch {}: `{key}` differs after resuming: {} vs {}",
+                    ra["epoch"], ra[key], rb[key]
+                ));
+            }
+        }
+    }
+    None
+}
+
+fn check_role(role: Role) {
+    let names = components(role);
+    let manifest = manifest().join("plugins.toml");
+    let failures: Vec<String> = names
+        .iter()
+        .filter_map(|name| {
+            resume_difference(&manifest, role, name).map(|d| format!("{role} `{name}`: {d}"))
+        })
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn optimizers_resume_exactly() {
+    check_role(Role::Optimizer);
+}
+
+#[test]
+fn schedulers_resume_exactly() {
+    check_role(Role::Scheduler);
+}
+
+#[test]
+fn pruners_resume_exactly() {
+    check_role(Role::Pruner);
+}
+
+#[test]
+fn distillers_resume_exactly() {
+    check_role(Role::Distiller);
+}
+
+#[test]
+fn metrics_resume_exactly() {
+    check_role(Role::Metric);
+}
+
+#[test]
+fn callbacks_resume_exactly() {
+    check_role(Role::Callback);
+}
+
+#[test]
+fn models_resume_exactly() {
+    check_role(Role::Model);
+}
+
+/// The harness is only worth something if it fails: a callback that forgets its state on
+/// resume must be caught.
+#[test]
+fn a_component_that_forgets_its_state_is_caught() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(
+        dir.path(),
+        &[
+            "trellis-optim",
+            "trellis-metrics",
+            "trellis-fixture-misbehaving",
+        ],
+    );
+    let difference = resume_difference(&manifest, Role::Callback, "forgetful");
+    assert!(
+        difference
+            .as_deref()
+            .is_some_and(|d| d.contains("differs after resuming")),
+        "{difference:?}"
+    );
+}
