@@ -33,7 +33,7 @@ use trellis::models::{Arch, ModelConfig, Network};
 use trellis::plugin_host::Registry;
 use trellis::services::{RunHost, RunState, SharedModel};
 use trellis_sdk::{
-    Batch, Component, EpochInfo, Host, Metric, Optimizer, Outputs, ParamGroup, Role,
+    Batch, Component, EpochInfo, Events, Host, Metric, Optimizer, Outputs, ParamGroup, Role,
 };
 
 const BATCH: usize = 128;
@@ -417,6 +417,8 @@ impl Plugins {
                 "trellis-optim",
                 "-p",
                 "trellis-metrics",
+                "-p",
+                "trellis-fixture-misbehaving",
             ])
             .current_dir(workspace_root());
         if profile.ends_with("release") {
@@ -436,7 +438,11 @@ impl Plugins {
         }
         let dir = tempfile::tempdir()?;
         let mut manifest = String::new();
-        for package in ["trellis-optim", "trellis-metrics"] {
+        for package in [
+            "trellis-optim",
+            "trellis-metrics",
+            "trellis-fixture-misbehaving",
+        ] {
             let file = profile.join(format!("lib{}.so", package.replace('-', "_")));
             manifest.push_str(&format!(
                 "[[plugin]]\nname = \"{package}\"\npath = \"{}\"\n\n",
@@ -470,6 +476,22 @@ impl Plugins {
                     .ok_or_else(|| anyhow!("{name} is not a metric"))
             })
             .collect()
+    }
+}
+
+/// The step control for a callback that never takes the step over.
+struct NoControl;
+
+impl trellis_sdk::StepControl for NoControl {
+    fn recompute(&mut self) -> trellis_sdk::Result<f64> {
+        Err(trellis_sdk::Error::msg(
+            "the bench's callback does not recompute",
+        ))
+    }
+    fn base_step(&mut self) -> trellis_sdk::Result<()> {
+        Err(trellis_sdk::Error::msg(
+            "the bench's callback does not step",
+        ))
     }
 }
 
@@ -1149,6 +1171,80 @@ impl Bench {
         );
         self.report.dispatch = Some(row);
         self.call_overhead(&data)?;
+        self.event_overhead(&data)?;
+        Ok(())
+    }
+
+    /// What callback events cost: a callback that asks for every step event and does nothing
+    /// (the fixture `noop`), called as the trainer calls it, through the dylib, against the
+    /// median training step at width 16 measured in the same run.
+    fn event_overhead(&mut self, data: &Rc<Dataset>) -> Result<()> {
+        const EVENTS_PER_STEP: u64 = 5;
+        let steps = self.sizes(1_000, 20_000);
+        let mut run = Run::new(
+            resnet18(WIDTH_16, 0)?,
+            data,
+            OptimizerSource::Plugin(&self.plugins),
+        )?;
+        let host = host(&run.model, data);
+        let mut callback = self
+            .plugins
+            .registry
+            .create(Role::Callback, "noop", "", Host::new(host.clone()))?
+            .into_callback()
+            .ok_or_else(|| anyhow!("noop is not a callback"))?;
+        let events = callback.events();
+        let step_times = run.timed_steps(self.sizes(4, 20))?;
+        let batch = run.loader.next().ok_or_else(|| anyhow!("no batch"))?;
+        let mut batch = Batch {
+            inputs: batch.inputs,
+            targets: batch.targets,
+        };
+        let (logits, features) = run.model.forward(&batch.inputs)?;
+        let outputs = Outputs { logits, features };
+        let loss = outputs.logits.sum(Kind::Float);
+        let mut control = NoControl;
+        let mut per_step = Vec::new();
+        for _ in 0..self.sizes(3, 7) {
+            let started = Instant::now();
+            for step in 0..steps {
+                let at = trellis_sdk::StepInfo {
+                    step: step as u64,
+                    ..Default::default()
+                };
+                if events.contains(Events::BATCH_START) {
+                    batch = callback.batch_start(batch, at).map_err(sdk)?;
+                }
+                if events.contains(Events::AFTER_LOSS) {
+                    callback
+                        .after_loss(&batch, &outputs, &loss, at)
+                        .map_err(sdk)?;
+                }
+                if events.contains(Events::AFTER_BACKWARD) {
+                    callback.after_backward(at).map_err(sdk)?;
+                }
+                if events.contains(Events::OPTIMIZER_STEP) {
+                    callback.optimizer_step(&mut control, at).map_err(sdk)?;
+                }
+                if events.contains(Events::AFTER_STEP) {
+                    callback.after_step(at).map_err(sdk)?;
+                }
+            }
+            per_step.push(started.elapsed().as_secs_f64() / steps as f64);
+        }
+        let events_cost = median(&per_step);
+        let step = median(&step_times);
+        self.report.note(format!(
+            "callback events: {EVENTS_PER_STEP} events a step (batch start, after loss, after \
+             backward, optimizer step, after step) to one callback through the dylib cost {:.2} µs \
+             a step ({:.0} ns an event, median of {} runs of {steps} steps), {:.5} % of a training \
+             step at width {WIDTH_16} ({:.4} s); events no callback asks for cost nothing",
+            events_cost * 1e6,
+            events_cost * 1e9 / EVENTS_PER_STEP as f64,
+            per_step.len(),
+            100.0 * events_cost / step,
+            step
+        ));
         Ok(())
     }
 

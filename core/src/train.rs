@@ -929,3 +929,45 @@ impl StepControl for HostStep<'_, '_> {
         self.trainer.components.optimizer.step()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits() -> Tensor {
+        Tensor::from_slice(&[2.0f32, 0.5, -1.0, 0.1, 0.3, 1.7]).view([2, 3])
+    }
+
+    /// −log softmax(z)[k], by hand.
+    fn nll(z: &[f64], k: usize) -> f64 {
+        let sum: f64 = z.iter().map(|v| v.exp()).sum();
+        sum.ln() - z[k]
+    }
+
+    #[test]
+    fn task_loss_takes_class_indices_and_soft_targets() {
+        let rows = [[2.0, 0.5, -1.0], [0.1, 0.3, 1.7]];
+        let hard = task_loss(&logits(), &Tensor::from_slice(&[0i64, 2])).unwrap();
+        let expected = (nll(&rows[0], 0) + nll(&rows[1], 2)) / 2.0;
+        assert!((hard.double_value(&[]) - expected).abs() < 1e-6);
+
+        // One-hot soft targets give the same loss; a mix gives the mix of the two losses
+        // (cross-entropy is linear in the targets), which is what mixup's loss is.
+        let one_hot = Tensor::from_slice(&[1.0f32, 0.0, 0.0, 0.0, 0.0, 1.0]).view([2, 3]);
+        let soft = task_loss(&logits(), &one_hot).unwrap();
+        assert!((soft.double_value(&[]) - expected).abs() < 1e-6);
+        let lambda = 0.7;
+        let mixed = Tensor::from_slice(&[0.7f32, 0.3, 0.0, 0.0, 0.3, 0.7]).view([2, 3]);
+        let got = task_loss(&logits(), &mixed).unwrap().double_value(&[]);
+        let want = (lambda * nll(&rows[0], 0)
+            + (1.0 - lambda) * nll(&rows[0], 1)
+            + lambda * nll(&rows[1], 2)
+            + (1.0 - lambda) * nll(&rows[1], 1))
+            / 2.0;
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+
+        let wrong = Tensor::ones([2, 4], (Kind::Float, Device::Cpu));
+        let err = task_loss(&logits(), &wrong).unwrap_err().to_string();
+        assert!(err.contains("[2, 4]") && err.contains("[2, 3]"), "{err}");
+    }
+}
