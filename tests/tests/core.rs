@@ -116,53 +116,6 @@ fn synthetic_run_learns_and_writes_its_run_directory() {
 }
 
 #[test]
-fn resumed_run_equals_uninterrupted_run() {
-    let config = small_config("").replace("train_size = 1000", "train_size = 300");
-    let (dir, _) = setup(&config);
-    assert_ok(&trellis(
-        dir.path(),
-        &["run", "run.toml", "--out", "straight", "--quiet"],
-    ));
-    let first = trellis(
-        dir.path(),
-        &[
-            "run",
-            "run.toml",
-            "--out",
-            "resumed",
-            "--quiet",
-            "--stop-after",
-            "1",
-        ],
-    );
-    assert_ok(&first);
-    assert!(!dir.path().join("resumed/model.safetensors").exists());
-    assert_eq!(metrics(&dir.path().join("resumed")).len(), 1);
-    assert_ok(&trellis(
-        dir.path(),
-        &["run", "run.toml", "--out", "resumed", "--quiet", "--resume"],
-    ));
-
-    let a = tensors(&dir.path().join("straight/model.safetensors"));
-    let b = tensors(&dir.path().join("resumed/model.safetensors"));
-    assert_eq!(a.len(), b.len());
-    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
-        assert_eq!(na, nb);
-        assert!(ta.equal(tb), "{na} differs after resuming");
-    }
-    let (ma, mb) = (
-        metrics(&dir.path().join("straight")),
-        metrics(&dir.path().join("resumed")),
-    );
-    assert_eq!(ma.len(), 2);
-    assert_eq!(mb.len(), 2);
-    for (ra, rb) in ma.iter().zip(&mb) {
-        assert_eq!(ra["train_loss"], rb["train_loss"]);
-        assert_eq!(ra["test"], rb["test"]);
-    }
-}
-
-#[test]
 fn corrupt_checkpoint_is_refused_and_left_alone() {
     let (dir, _) = setup(&tiny("").replace("epochs = 1", "epochs = 2"));
     assert_ok(&trellis(
@@ -427,7 +380,9 @@ fn panicking_plugins_are_contained_and_named() {
         ));
         let boom = name.trim_start_matches("panic_in_");
         assert!(
-            err.contains(&format!("`{name}` (plugin trellis-fixture-misbehaving) panicked: boom in {boom}")),
+            err.contains(&format!(
+                "`{name}` (plugin trellis-fixture-misbehaving) panicked: boom in {boom}"
+            )),
             "{err}"
         );
     }
@@ -517,5 +472,99 @@ fn plugins_command_lists_and_inspects() {
     assert!(
         text.contains("metric `ece`: expected calibration error"),
         "{text}"
+    );
+}
+
+/// A plugin's model is used exactly like a built-in one: trained, pruned, checkpointed and
+/// resumed, exported under the names it declares, analysed by `trellis esd`, and usable as a KD
+/// teacher. The fixture wraps a model the host builds from a nested spec.
+#[test]
+fn a_plugin_model_works_everywhere_a_builtin_one_does() {
+    let dir = tempfile::tempdir().unwrap();
+    write_manifest(
+        dir.path(),
+        &[
+            "trellis-optim",
+            "trellis-metrics",
+            "trellis-pai-baselines",
+            "trellis-kd",
+            "trellis-fixture-models",
+        ],
+    );
+    let model =
+        "[model]\nuse = \"wrapper\"\nbase = { arch = \"mlp\", hidden = [16] }\nscale = 2.0\n";
+    let config = tiny("[[metrics]]\nuse = \"accuracy\"\n\n[pruner]\nuse = \"magnitude\"\nsparsity = 0.5\nat_step = 2\n")
+        .replace("[model]\narch = \"mlp\"\nhidden = [32]\n", model)
+        .replace("epochs = 1", "epochs = 2");
+    std::fs::write(dir.path().join("run.toml"), &config).unwrap();
+    let run = |args: &[&str]| {
+        let mut all = vec!["run", "run.toml", "--quiet"];
+        all.extend_from_slice(args);
+        trellis(dir.path(), &all)
+    };
+    assert_ok(&run(&["--out", "straight"]));
+    assert_ok(&run(&["--out", "resumed", "--stop-after", "1"]));
+    assert_ok(&run(&["--out", "resumed", "--resume"]));
+
+    let straight = tensors(&dir.path().join("straight/model.safetensors"));
+    let resumed = tensors(&dir.path().join("resumed/model.safetensors"));
+    let names: Vec<&str> = straight.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        ["fc0.bias", "fc0.weight", "head.bias", "head.weight"]
+    );
+    for ((name, a), (_, b)) in straight.iter().zip(&resumed) {
+        assert!(a.equal(b), "{name} differs after resuming");
+    }
+    let weights = &straight[1].1;
+    let zeros = weights.eq(0.0).sum(tch::Kind::Int64).int64_value(&[]);
+    assert!(
+        zeros > 0,
+        "the pruned weights of the plugin model are not zero"
+    );
+    let records = metrics(&dir.path().join("straight"));
+    assert!(records[1]["test"]["top1"].as_f64().is_some(), "{records:?}");
+
+    // The exported weights load into the plugin's own definition, built from the run's config.
+    let out = trellis(
+        dir.path(),
+        &[
+            "esd",
+            "straight/model.safetensors",
+            "--config",
+            "straight/config.toml",
+        ],
+    );
+    assert_ok(&out);
+    assert!(
+        stdout(&out).contains("fc0") && stdout(&out).contains("head"),
+        "{}",
+        stdout(&out)
+    );
+
+    // As a KD teacher: the teacher's table is a plugin model's table.
+    let kd = tiny(
+        "[[distillers]]\nuse = \"kd\"\nteacher = { use = \"wrapper\", base = { arch = \"mlp\", hidden = [16] }, scale = 2.0 }\nteacher_checkpoint = \"straight/model.safetensors\"\n",
+    );
+    std::fs::write(dir.path().join("kd.toml"), kd).unwrap();
+    assert_ok(&trellis(
+        dir.path(),
+        &["run", "kd.toml", "--out", "kd", "--quiet"],
+    ));
+
+    // The plugin refuses a key at its line in the run config.
+    std::fs::write(
+        dir.path().join("bad.toml"),
+        config.replace("scale = 2.0", "scael = 2.0"),
+    )
+    .unwrap();
+    let err = assert_error(&trellis(
+        dir.path(),
+        &["run", "bad.toml", "--out", "bad", "--quiet"],
+    ));
+    assert!(
+        err.contains("model `wrapper` (plugin trellis-fixture-models) refused its configuration")
+            && err.contains("bad.toml:6:1"),
+        "{err}"
     );
 }

@@ -171,6 +171,11 @@ fn resume_difference(manifest: &Path, role: Role, name: &str) -> Option<String> 
     };
     run(&["--out", "straight"]);
     run(&["--out", "resumed", "--stop-after", "1"]);
+    let stopped = dir.path().join("resumed");
+    assert!(
+        !stopped.join("model.safetensors").exists() && metrics(&stopped).len() == 1,
+        "{role} {name}: a run stopped after one epoch exports nothing and logs one epoch"
+    );
     run(&["--out", "resumed", "--resume"]);
 
     let (a, b) = (dir.path().join("straight"), dir.path().join("resumed"));
