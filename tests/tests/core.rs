@@ -488,12 +488,17 @@ fn a_plugin_model_works_everywhere_a_builtin_one_does() {
             "trellis-metrics",
             "trellis-pai-baselines",
             "trellis-kd",
+            "trellis-fc-augment",
+            "trellis-tempbalance",
             "trellis-fixture-models",
         ],
     );
     let model =
         "[model]\nuse = \"wrapper\"\nbase = { arch = \"mlp\", hidden = [16] }\nscale = 2.0\n";
-    let config = tiny("[[metrics]]\nuse = \"accuracy\"\n\n[pruner]\nuse = \"magnitude\"\nsparsity = 0.5\nat_step = 2\n")
+    let config = tiny(
+        "[[metrics]]\nuse = \"accuracy\"\n\n[pruner]\nuse = \"magnitude\"\nsparsity = 0.5\nat_step = 2\n\n\
+         [scheduler]\nuse = \"tempbalance\"\n\n[[distillers]]\nuse = \"fc_augment\"\n",
+    )
         .replace("[model]\narch = \"mlp\"\nhidden = [32]\n", model)
         .replace("epochs = 1", "epochs = 2");
     std::fs::write(dir.path().join("run.toml"), &config).unwrap();
@@ -542,10 +547,21 @@ fn a_plugin_model_works_everywhere_a_builtin_one_does() {
         stdout(&out)
     );
 
-    // As a KD teacher: the teacher's table is a plugin model's table.
+    // `trellis prune` sets the plugin model up as `trellis run` does.
+    let out = trellis(
+        dir.path(),
+        &["prune", "run.toml", "--out", "masks.safetensors"],
+    );
+    assert_ok(&out);
+    let masks = tensors(&dir.path().join("masks.safetensors"));
+    let names: Vec<&str> = masks.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["fc0.weight", "head.weight"]);
+
+    // As a KD student and teacher: both tables are a plugin model's.
     let kd = tiny(
         "[[distillers]]\nuse = \"kd\"\nteacher = { use = \"wrapper\", base = { arch = \"mlp\", hidden = [16] }, scale = 2.0 }\nteacher_checkpoint = \"straight/model.safetensors\"\n",
     );
+    let kd = kd.replace("[model]\narch = \"mlp\"\nhidden = [32]\n", model);
     std::fs::write(dir.path().join("kd.toml"), kd).unwrap();
     assert_ok(&trellis(
         dir.path(),
