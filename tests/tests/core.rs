@@ -372,6 +372,7 @@ fn panicking_plugins_are_contained_and_named() {
     for (table, name) in [
         ("metrics", "panic_in_wants_batches"),
         ("distillers", "panic_in_replaces_task_loss"),
+        ("callbacks", "panic_in_events"),
     ] {
         let dir = setup_with(&tiny(&format!("[[{table}]]\nuse = \"{name}\"\n")));
         let err = assert_error(&trellis(

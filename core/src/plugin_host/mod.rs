@@ -190,7 +190,14 @@ impl Registry {
             FfiComponent::Distiller(d) => Component::Distiller(Named::new(origin, d)),
             FfiComponent::Metric(m) => Component::Metric(Named::new(origin, m)),
             FfiComponent::Model(m) => Component::Model(Named::new(origin, Model::from_ffi(m))),
-            FfiComponent::Callback(c) => Component::Callback(Named::new(origin, c)),
+            FfiComponent::Callback(c) => {
+                // Asked here, where an error can still name the component: the trainer asks
+                // again and trusts the answer.
+                if let RResult::RErr(e) = c.events() {
+                    return Err(ComponentError::new(&origin, Error::from(e)).into());
+                }
+                Component::Callback(Named::new(origin, c))
+            }
         })
     }
 }
