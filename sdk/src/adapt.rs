@@ -4,6 +4,9 @@
 //! Every call that enters code on the other side of the boundary runs under [`guard`]: a panic
 //! there (including tch's panicking methods) becomes an [`ErrorKind::Panic`] error instead of
 //! unwinding into an `extern "C"` frame, which would abort the whole process.
+//!
+//! Hidden from the documentation: [`crate::Plugin`] and the host use it; plugin authors never
+//! do.
 
 use std::cell::RefCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -288,7 +291,10 @@ fn from_ffi_values(v: FfiMetricValues) -> MetricValues {
 // Plugin side: a component implemented in Rust, exposed as an ABI object.
 
 /// Wraps a component so every call into it is guarded against panics.
-pub struct Guarded<T>(pub T);
+pub struct Guarded<T>(
+    /// The component.
+    pub T,
+);
 
 impl<T: Optimizer + 'static> FfiOptimizer for Guarded<T> {
     fn set_param_groups(&mut self, groups: RVec<FfiParamGroup>) -> FfiResult<()> {
@@ -498,11 +504,17 @@ impl<T: Callback + 'static> FfiCallback for Guarded<T> {
 // ---------------------------------------------------------------------------------------------
 // Host side: an ABI object from a plugin, used through the Rust trait.
 
+/// A plugin's optimizer as the host holds it; implements [`Optimizer`].
 pub type OptimizerBox = FfiOptimizer_TO<'static, abi_stable::std_types::RBox<()>>;
+/// A plugin's scheduler as the host holds it; implements [`Scheduler`].
 pub type SchedulerBox = FfiScheduler_TO<'static, abi_stable::std_types::RBox<()>>;
+/// A plugin's pruner as the host holds it; implements [`Pruner`].
 pub type PrunerBox = FfiPruner_TO<'static, abi_stable::std_types::RBox<()>>;
+/// A plugin's distiller as the host holds it; implements [`Distiller`].
 pub type DistillerBox = FfiDistiller_TO<'static, abi_stable::std_types::RBox<()>>;
+/// A plugin's metric as the host holds it; implements [`Metric`].
 pub type MetricBox = FfiMetric_TO<'static, abi_stable::std_types::RBox<()>>;
+/// A plugin's callback as the host holds it; implements [`Callback`].
 pub type CallbackBox = FfiCallback_TO<'static, abi_stable::std_types::RBox<()>>;
 
 impl Optimizer for OptimizerBox {
@@ -629,7 +641,8 @@ impl FfiStepControl for LocalStepControl<'_> {
 
 impl Callback for CallbackBox {
     fn events(&self) -> Events {
-        // A panic here is reported by the first event call; `Events::NONE` would hide it.
+        // The host asks once when it creates the callback and reports an error there; should a
+        // later answer fail, every event is called rather than silently none.
         match FfiCallback_TO::events(self).into_result() {
             Ok(bits) => Events(bits),
             Err(_) => Events(u32::MAX),

@@ -1,4 +1,8 @@
 //! The error type components return.
+//!
+//! An `Err` from any component method stops the run; the host prints the message prefixed with
+//! the role, component and plugin, and for [`ErrorKind::Config`] points at the offending key's
+//! line in the run config.
 
 use std::fmt;
 
@@ -6,17 +10,23 @@ use abi_stable::std_types::{ROption, RString};
 
 use crate::abi::{ErrorKind, FfiError};
 
+/// What went wrong in a component. Build one with [`Error::msg`], [`Error::config`] or
+/// [`bail!`](crate::bail!); `?` converts tch errors and strings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Error {
+    /// What kind of failure this is; decides how the host reports it.
     pub kind: ErrorKind,
+    /// The human-readable message, without the component's name (the host adds it).
     pub message: String,
     /// For configuration errors: the offending key, so the host can point at its line.
     pub key: Option<String>,
 }
 
+/// The result of every component method.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// A plain failure ([`ErrorKind::Failed`]) with this message.
     pub fn msg(message: impl fmt::Display) -> Self {
         Error {
             kind: ErrorKind::Failed,
@@ -34,6 +44,8 @@ impl Error {
         }
     }
 
+    /// A caught panic ([`ErrorKind::Panic`]); the SDK makes these itself when plugin code
+    /// panics, so components rarely need to.
     pub fn panic(message: impl fmt::Display) -> Self {
         Error {
             kind: ErrorKind::Panic,
@@ -98,7 +110,8 @@ impl From<FfiError> for Error {
     }
 }
 
-/// Bails out of a component method with a formatted [`Error`].
+/// Bails out of a component method with a formatted [`Error`]: `bail!("bad shape {:?}", s)` is
+/// `return Err(Error::msg(format!(...)))`.
 #[macro_export]
 macro_rules! bail {
     ($($arg:tt)*) => {

@@ -1,7 +1,9 @@
 //! What the host offers components: the model, batches, other models, the run's facts.
 //!
-//! Plugins hold a [`Host`] and call it; the host provides the services by implementing
-//! [`HostServices`] (and [`Architecture`] for its models), which the SDK turns into ABI objects.
+//! Every component gets a [`Host`] in [`crate::Component::new`]; keep it to call later. The host
+//! provides the services by implementing [`HostServices`] (and [`Architecture`] for its models),
+//! which the SDK turns into ABI objects. Plugin authors need not implement `HostServices`:
+//! tests use [`crate::testing::FakeHost`], which does.
 
 use std::path::{Path, PathBuf};
 
@@ -14,38 +16,59 @@ use crate::adapt::{self, from_ffi_batch, from_ffi_outputs, HostAdapter, ModelAda
 use crate::error::{Error, Result};
 use crate::roles::{device_from_index, Architecture, Batch, GroupRate, Outputs, Param, StepInfo};
 
-/// The normalisation the host applies to images: `(x / 255 − mean) / std` per channel.
+/// The normalisation the host applies to images: `(x / 255 − mean) / std` per channel, `x` the
+/// byte value of a pixel.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Normalization {
+    /// Per-channel mean, in units of the `[0, 1]` pixel range (0 when the data set is not
+    /// standardised); one entry per input channel.
     pub mean: Vec<f64>,
+    /// Per-channel standard deviation, in the same units (1 when not standardised).
     pub std: Vec<f64>,
 }
 
 /// The host's services. Implemented by `trellis` for a run, and by [`crate::testing::FakeHost`]
-/// for plugin tests.
+/// for plugin tests; wrap an implementation with [`Host::new`]. Each method backs the [`Host`]
+/// method of the same name, which documents what it returns.
 pub trait HostServices: 'static {
     /// The run's model; an error while the model itself is being built.
     fn model(&self) -> Result<Model>;
+    /// See [`Host::num_classes`].
     fn num_classes(&self) -> i64;
     /// `[channels, height, width]` of the model's input images.
     fn input_shape(&self) -> [i64; 3];
+    /// See [`Host::normalization`].
     fn normalization(&self) -> Normalization;
+    /// See [`Host::device`].
     fn device(&self) -> Device;
+    /// See [`Host::seed`].
     fn seed(&self) -> u64;
+    /// See [`Host::progress`].
     fn progress(&self) -> StepInfo;
+    /// See [`Host::train_batch`].
     fn train_batch(&self) -> Result<Batch>;
+    /// See [`Host::build_model`].
     fn build_model(&self, spec: &str, checkpoint: Option<&Path>) -> Result<Model>;
+    /// See [`Host::learning_rates`].
     fn learning_rates(&self) -> Vec<GroupRate>;
+    /// See [`Host::optimized_parameters`].
     fn optimized_parameters(&self) -> Vec<(String, Tensor)>;
     /// `(rank, world size)`; `(0, 1)` for a single process.
     fn rank_and_world_size(&self) -> (u32, u32) {
         (0, 1)
     }
+    /// See [`Host::run_dir`].
     fn run_dir(&self) -> Option<PathBuf>;
+    /// See [`Host::config_dir`].
     fn config_dir(&self) -> PathBuf;
 }
 
-/// A model, the host's or a plugin's, seen through the ABI.
+/// A model, the host's or a plugin's, seen through the ABI: what [`Host::model`] and
+/// [`Host::build_model`] return.
+///
+/// It is a handle: the tensors it hands out share storage with the model, and every handle to
+/// the run's model is the same network the trainer trains. It implements [`Architecture`] itself,
+/// so a plugin model can wrap one.
 pub struct Model {
     pub(crate) inner: FfiModelBox,
 }
@@ -68,13 +91,14 @@ impl Model {
         self.inner
     }
 
-    /// Logits and pooled features, in the current train/eval mode.
+    /// Logits `[B, classes]` and pooled features `[B, feature_dim]`, in the current train/eval
+    /// mode (with autograd unless called under `tch::no_grad`).
     pub fn forward(&self, inputs: &Tensor) -> Result<Outputs> {
         let out = self.inner.forward(inputs.into()).into_result()?;
         Ok(from_ffi_outputs(out))
     }
 
-    /// The classifier head applied to features.
+    /// The classifier head applied to features `[B, feature_dim]`, giving logits.
     pub fn head(&self, features: &Tensor) -> Result<Tensor> {
         Ok(self
             .inner
@@ -83,7 +107,8 @@ impl Model {
             .into_tensor())
     }
 
-    /// Trainable parameters in registration order, sharing storage with the model.
+    /// Trainable parameters in registration order, sharing storage (and `.grad()`) with the
+    /// model.
     pub fn parameters(&self) -> Result<Vec<Param>> {
         let params = self.inner.parameters().into_result()?;
         Ok(params.into_iter().map(adapt::from_ffi_param).collect())
@@ -95,15 +120,21 @@ impl Model {
     }
 
     /// Switches BatchNorm (and anything else mode-dependent) between training and evaluation.
+    /// On the run's model this changes the trainer's model too: a component that switches it
+    /// (to score in evaluation mode, say) must switch it back, except in [`crate::Pruner::prune`],
+    /// after which the host restores the mode itself.
     pub fn set_training(&self, train: bool) -> Result<()> {
         Ok(self.inner.set_training(train).into_result()?)
     }
 
+    /// Whether the model is in training mode.
     pub fn is_training(&self) -> Result<bool> {
         Ok(self.inner.is_training().into_result()?)
     }
 
-    /// Converts every parameter and buffer to float64 (or back to float32) in place.
+    /// Converts every parameter and buffer to float64 (or back to float32) in place, so tensors
+    /// taken before see the new dtype; a component that does this to the run's model must convert
+    /// it back before it returns.
     pub fn set_double(&self, double: bool) -> Result<()> {
         Ok(self.inner.set_double(double).into_result()?)
     }
@@ -152,7 +183,9 @@ impl Architecture for Model {
     }
 }
 
-/// The host, as components see it.
+/// The host, as components see it: handed to [`crate::Component::new`]; keep it for later calls.
+///
+/// `Host` is not `Send`: use it on the thread that called the component.
 pub struct Host {
     pub(crate) inner: FfiHostBox,
 }
@@ -181,6 +214,8 @@ impl Host {
         Ok(Model { inner })
     }
 
+    /// The number of classes in the data set: the width of the logits, and class indices in
+    /// targets are below it.
     pub fn num_classes(&self) -> i64 {
         self.inner.num_classes()
     }
@@ -202,6 +237,8 @@ impl Host {
         }
     }
 
+    /// The device the run trains on: the model, batches and every tensor the host hands over live
+    /// there; create the component's own tensors there too.
     pub fn device(&self) -> Device {
         device_from_index(self.inner.device())
     }
@@ -211,7 +248,7 @@ impl Host {
         self.inner.seed()
     }
 
-    /// Where training is now: epoch and step.
+    /// Where training is now: epoch and step (all zero before the first step).
     pub fn progress(&self) -> StepInfo {
         adapt::from_ffi_step(self.inner.progress())
     }
@@ -236,7 +273,8 @@ impl Host {
         Ok(Model { inner })
     }
 
-    /// The optimizer's parameter groups and their current rates.
+    /// The optimizer's parameter groups and their current rates; empty until the rates are first
+    /// set, just before the first training step.
     pub fn learning_rates(&self) -> Vec<GroupRate> {
         self.inner
             .learning_rates()
@@ -250,7 +288,8 @@ impl Host {
     }
 
     /// Every tensor the optimizer updates, by the name its group gives it: the model's
-    /// parameters and those a distiller added. Their `.grad()` is the step's gradient.
+    /// parameters and those a distiller added (empty until the optimizer has its groups, so ask
+    /// during training, not in a constructor). Their `.grad()` is the step's gradient.
     pub fn optimized_parameters(&self) -> Vec<(String, Tensor)> {
         adapt::from_ffi_named(self.inner.optimized_parameters())
     }
@@ -261,7 +300,8 @@ impl Host {
         (pair.0, pair.1)
     }
 
-    /// Where the run writes its outputs, if it writes any (plots go here).
+    /// Where the run writes its outputs, if it writes any (plots go here); `None` when nothing is
+    /// written, e.g. in tests.
     pub fn run_dir(&self) -> Option<PathBuf> {
         self.inner
             .run_dir()
@@ -269,7 +309,8 @@ impl Host {
             .map(|s| s.into_string().into())
     }
 
-    /// The directory of the run config.
+    /// The directory of the run config: relative paths in a component's configuration are
+    /// relative to it (see [`Host::resolve`]).
     pub fn config_dir(&self) -> PathBuf {
         self.inner.config_dir().into_string().into()
     }

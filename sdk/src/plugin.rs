@@ -1,4 +1,7 @@
 //! Declaring a plugin: its components, their configurations, and how the host creates them.
+//!
+//! The version constants are what a plugin declares about its build; the host refuses a plugin
+//! whose ABI version, tch, libtorch version or CUDA support differ from its own.
 
 use abi_stable::sabi_trait::TD_Opaque;
 use abi_stable::std_types::{RResult, RString};
@@ -17,6 +20,8 @@ pub const TCH_VERSION: &str = "0.24.0";
 pub const LIBTORCH_VERSION: &str = env!("TRELLIS_LIBTORCH_VERSION");
 /// Whether that libtorch has CUDA.
 pub const LIBTORCH_CUDA: bool = const_str_is_true(env!("TRELLIS_LIBTORCH_CUDA"));
+/// This SDK's crate version, declared by every plugin built with it (for reports; compatibility
+/// is decided by the ABI version, tch and libtorch).
 pub const SDK_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 const fn const_str_is_true(s: &str) -> bool {
@@ -29,9 +34,19 @@ const fn const_str_is_true(s: &str) -> bool {
 /// `#[serde(deny_unknown_fields, default)]` so a misspelt key is refused and omitted keys take
 /// their defaults; `Config::default()` is what `trellis plugins` shows.
 pub trait Component: Sized + 'static {
+    /// The name a run config uses it by (`use = "NAME"`); unique among the components of one
+    /// role across every plugin in the manifest.
     const NAME: &'static str;
+    /// One line for `trellis plugins`.
     const DESCRIPTION: &'static str;
+    /// The component's own configuration: its table's keys other than `use` (and other than the
+    /// host's own keys in `[optimizer]` and `[pruner]`, see [`crate::Optimizer`] and
+    /// [`crate::Pruner`]).
     type Config: Serialize + DeserializeOwned + Default;
+    /// Creates the component from its parsed configuration, each time a config table (or, for a
+    /// model, a [`Host::build_model`] spec) names it. Check the configuration here and return
+    /// [`Error::config`] naming the key of a refused value, so the host points at its line. Keep
+    /// `host` for later calls.
     fn new(config: Self::Config, host: Host) -> Result<Self>;
 }
 
@@ -104,7 +119,9 @@ macro_rules! role_method {
 }
 
 impl Plugin {
-    /// Use `env!("CARGO_PKG_NAME")` and `env!("CARGO_PKG_VERSION")` for name and version.
+    /// A plugin offering no components yet; add them with the role methods. Use
+    /// `env!("CARGO_PKG_NAME")` and `env!("CARGO_PKG_VERSION")` for name and version. The
+    /// manifest entry's `name` must equal this name, and the host's messages use it.
     pub fn new(name: &'static str, version: &'static str, description: &'static str) -> Self {
         Plugin {
             name,
@@ -140,10 +157,14 @@ impl Plugin {
         self
     }
 
+    /// The plugin's name, as given to [`Plugin::new`].
     pub fn name(&self) -> &'static str {
         self.name
     }
 
+    /// What the plugin tells the host about itself and its components (for the generated root
+    /// module).
+    #[doc(hidden)]
     pub fn declaration(&self) -> Declaration {
         Declaration {
             name: self.name.into(),
@@ -167,7 +188,9 @@ impl Plugin {
         }
     }
 
-    /// Creates a component; the constructor and config parsing run guarded against panics.
+    /// Creates a component; the constructor and config parsing run guarded against panics (for
+    /// the generated root module).
+    #[doc(hidden)]
     pub fn create(
         &self,
         role: Role,
@@ -192,12 +215,15 @@ impl Plugin {
     }
 }
 
-/// Called by the host right after loading: logging bridge and panic hook.
+/// Called by the host right after loading: logging bridge and panic hook (for the generated root
+/// module).
+#[doc(hidden)]
 pub fn init(plugin: &'static str, log: LogFn, max_level: u8) {
     install_panic_hook();
     crate::logging::install(plugin, log, max_level);
 }
 
+/// An ABI string from a `&str` (for generated code).
 #[doc(hidden)]
 pub fn rstring(s: &str) -> RString {
     s.into()
@@ -206,12 +232,15 @@ pub fn rstring(s: &str) -> RString {
 /// Exports a plugin from a `cdylib` crate. The argument is an expression building the
 /// [`Plugin`]; it is evaluated once, when the host first asks.
 ///
-/// The generated root module names `::abi_stable` paths, so the plugin crate lists `abi_stable`
-/// (0.11) among its dependencies next to `trellis-sdk`.
+/// Use it once, at the crate root. The generated root module names `::abi_stable` paths, so the
+/// plugin crate lists `abi_stable` (0.11) among its dependencies next to `trellis-sdk`. The items
+/// it generates (a `TRELLIS_SDK_ABI_VERSION` symbol and `__trellis_*` functions) are hidden from
+/// the plugin's documentation.
 #[macro_export]
 macro_rules! export_plugin {
     ($plugin:expr) => {
         /// Read by the host with a plain symbol lookup before anything else.
+        #[doc(hidden)]
         #[no_mangle]
         pub static TRELLIS_SDK_ABI_VERSION: u32 = $crate::abi::ABI_VERSION;
 
@@ -237,6 +266,7 @@ macro_rules! export_plugin {
             __trellis_plugin().create(role, name.as_str(), config.as_str(), host)
         }
 
+        #[doc(hidden)]
         #[::abi_stable::export_root_module]
         pub fn __trellis_root_module() -> $crate::abi::PluginModRef {
             use ::abi_stable::prefix_type::PrefixTypeTrait;

@@ -4,6 +4,9 @@
 //! heap-allocated `at::Tensor`; only the ownership has to be explicit:
 //! - [`TensorHandle`] owns one reference and releases it when dropped (exactly once);
 //! - [`TensorRef`] borrows the caller's tensor for the duration of a call and never releases it.
+//!
+//! Hidden from the documentation: the traits plugin authors implement take and return
+//! `tch::Tensor`, and the SDK converts.
 
 use std::ffi::c_void;
 use std::marker::PhantomData;
@@ -83,6 +86,7 @@ pub struct TensorRef<'a> {
 }
 
 impl<'a> TensorRef<'a> {
+    /// Borrows `tensor` for `'a`.
     pub fn new(tensor: &'a Tensor) -> Self {
         TensorRef {
             ptr: tensor.as_ptr() as *mut c_void,

@@ -86,6 +86,7 @@ impl FakeHost {
         }
     }
 
+    /// What `num_classes` returns.
     pub fn classes(mut self, num_classes: i64) -> Self {
         self.facts.num_classes = num_classes;
         self
@@ -101,16 +102,19 @@ impl FakeHost {
         self
     }
 
+    /// What `normalization` returns (set it after [`FakeHost::input_shape`], which resets it).
     pub fn normalization(mut self, normalization: Normalization) -> Self {
         self.facts.normalization = normalization;
         self
     }
 
+    /// What `device` returns. The fake moves nothing: give it a model and batches on that device.
     pub fn device(mut self, device: Device) -> Self {
         self.facts.device = device;
         self
     }
 
+    /// What `seed` returns.
     pub fn seed(mut self, seed: u64) -> Self {
         self.facts.seed = seed;
         self
@@ -144,11 +148,13 @@ impl FakeHost {
         self
     }
 
+    /// What `run_dir` returns (e.g. a temporary directory, for components that write files).
     pub fn run_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.facts.run_dir = Some(dir.into());
         self
     }
 
+    /// What `config_dir` returns, the directory `Host::resolve` makes relative paths relative to.
     pub fn config_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.facts.config_dir = dir.into();
         self
@@ -171,6 +177,7 @@ impl FakeHost {
 pub struct Progress(Rc<Facts>);
 
 impl Progress {
+    /// What every host on the fake reports from `progress` from now on.
     pub fn set(&self, at: StepInfo) {
         self.0.progress.set(at)
     }
@@ -292,6 +299,8 @@ impl TinyNet {
     /// Channels of the hidden convolution, the width of the features.
     pub const WIDTH: i64 = 4;
 
+    /// A network for `in_channels`-channel images of any size and `classes` classes, in
+    /// evaluation mode, float32 on the CPU.
     pub fn new(in_channels: i64, classes: i64) -> TinyNet {
         let w = TinyNet::WIDTH;
         let opts = (Kind::Float, Device::Cpu);
