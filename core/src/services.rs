@@ -97,7 +97,12 @@ impl Architecture for ModelView {
     }
 
     fn spec(&self) -> Result<String> {
-        toml::to_string(self.0.net().spec()).map_err(|e| Error::msg(e.to_string()))
+        let net = self.0.net();
+        // A plugin's own spec has its defaults filled in; the config's table may not.
+        match net.plugin_model() {
+            Some(model) => model.spec(),
+            None => toml::to_string(net.spec()).map_err(|e| Error::msg(e.to_string())),
+        }
     }
 }
 

@@ -75,6 +75,20 @@ pub fn load_registry(cfg: &LoadedConfig, manifest: Option<&Path>) -> Result<Regi
 fn build_model(cfg: &LoadedConfig, registry: &Registry, host: &RunHost) -> Result<Network> {
     let spec = &cfg.config.model;
     if let ModelSpec::Plugin(m) = spec {
+        if !cfg.config.train.autocast.is_off() {
+            return Err(cfg.error_at(
+                &[
+                    crate::source::Seg::Key("train"),
+                    crate::source::Seg::Key("autocast"),
+                ],
+                &format!(
+                    "train.autocast applies to the built-in architectures; model `{}` is a plugin's \
+                     and computes in its weights' dtype",
+                    m.component
+                ),
+                Some("remove train.autocast, or use a built-in `arch`"),
+            ));
+        }
         if !registry.provides(Role::Model, &m.component) {
             return Err(cfg.use_error(
                 &TablePath::Model,

@@ -569,6 +569,25 @@ fn a_plugin_model_works_everywhere_a_builtin_one_does() {
         &["run", "kd.toml", "--out", "kd", "--quiet"],
     ));
 
+    // Autocast is the built-in layers' and is refused for a plugin's model.
+    let out = trellis(
+        dir.path(),
+        &[
+            "run",
+            "run.toml",
+            "--out",
+            "bf16",
+            "--quiet",
+            "--set",
+            "train.autocast=\"bf16\"",
+        ],
+    );
+    let err = assert_error(&out);
+    assert!(
+        err.contains("train.autocast applies to the built-in"),
+        "{err}"
+    );
+
     // The plugin refuses a key at its line in the run config.
     std::fs::write(
         dir.path().join("bad.toml"),
