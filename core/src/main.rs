@@ -98,6 +98,26 @@ enum Command {
         #[arg(long, default_value = "plugins.toml")]
         manifest: PathBuf,
     },
+    /// Write a new plugin.
+    Plugin {
+        #[command(subcommand)]
+        action: PluginAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginAction {
+    /// Create an out-of-tree plugin crate in DIR/NAME that builds, tests and trains as generated.
+    New {
+        /// The crate's name, e.g. `my-lr-warmup`; its component is named `my_lr_warmup`.
+        name: String,
+        /// optimizer, scheduler, pruner, distiller, metric, model or callback.
+        #[arg(long)]
+        role: String,
+        /// The directory to create the crate's directory in.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -187,6 +207,9 @@ fn main() -> ExitCode {
             action: None,
             manifest,
         } => commands::plugins::list(&manifest),
+        Command::Plugin {
+            action: PluginAction::New { name, role, dir },
+        } => commands::plugin_new::new(&commands::plugin_new::NewOptions { name, role, dir }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
