@@ -31,14 +31,13 @@
 //! callback's checkpointed state) cuts exactly as the uninterrupted run.
 
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 use trellis_sdk::{
     bail, Batch, Callback, Component, Error, Events, Host, Plugin, Result, State, StepInfo,
 };
 
-mod rng;
-
-use rng::Rng;
+use trellis_mix_common::rng::Rng;
+use trellis_mix_common::{check_probability, soft_targets};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -125,36 +124,6 @@ impl Cutmix {
             lam,
         })
     }
-}
-
-/// Targets as per-class probabilities `[B, classes]`: one-hot rows for class indices, soft
-/// targets as they are.
-pub fn soft_targets(targets: &Tensor, classes: i64) -> Result<Tensor> {
-    match targets.dim() {
-        1 => Ok(targets.f_one_hot(classes)?.to_kind(Kind::Float)),
-        2 if targets.is_floating_point() => {
-            let width = targets.size()[1];
-            if width != classes {
-                bail!("soft targets have {width} columns but the run has {classes} classes");
-            }
-            Ok(targets.shallow_clone())
-        }
-        _ => bail!(
-            "targets must be class indices [B] or float probabilities [B, classes], got {:?} {:?}",
-            targets.kind(),
-            targets.size()
-        ),
-    }
-}
-
-fn check_probability(key: &str, value: f64) -> Result<()> {
-    if !(0.0..=1.0).contains(&value) {
-        return Err(Error::config(
-            key,
-            format!("{key} must be in [0, 1], got {value}"),
-        ));
-    }
-    Ok(())
 }
 
 impl Component for Cutmix {
@@ -244,6 +213,7 @@ trellis_sdk::export_plugin!(Plugin::new(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Kind;
     use trellis_sdk::abi::ErrorKind;
     use trellis_sdk::parse_config;
     use trellis_sdk::testing::{FakeHost, TinyNet};

@@ -4,11 +4,8 @@
 //! Drawing here instead of from libtorch's global generator keeps the host's random stream (data
 //! order, dropout) the same with or without this callback, and makes every draw a pure function
 //! of its key, so a resumed run draws what the uninterrupted run drew.
-//!
-//! Kept identical to `plugins/cutmix/src/rng.rs`: each plugin is its own dylib, and linking one
-//! plugin crate into another would export its plugin symbols twice.
 
-pub(crate) struct Rng(u64);
+pub struct Rng(u64);
 
 const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
 
@@ -21,23 +18,23 @@ fn mix(mut z: u64) -> u64 {
 impl Rng {
     /// The generator for one draw. Each part of the key is hashed in turn, so that neighbouring
     /// seeds or counters do not give overlapping sequences.
-    pub(crate) fn keyed(seed: u64, stream: u64, counter: u64) -> Rng {
+    pub fn keyed(seed: u64, stream: u64, counter: u64) -> Rng {
         let key = mix(mix(mix(seed.wrapping_add(GOLDEN)) ^ stream) ^ counter);
         Rng(key)
     }
 
-    pub(crate) fn next_u64(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(GOLDEN);
         mix(self.0)
     }
 
     /// Uniform on [0, 1), 53 random bits.
-    pub(crate) fn uniform(&mut self) -> f64 {
+    pub fn uniform(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 
     /// Uniform on {0, …, n − 1}, without modulo bias (rejection of the short last block).
-    pub(crate) fn below(&mut self, n: u64) -> u64 {
+    pub fn below(&mut self, n: u64) -> u64 {
         assert!(n > 0, "below(0)");
         let zone = u64::MAX - u64::MAX % n;
         loop {
@@ -49,7 +46,7 @@ impl Rng {
     }
 
     /// Standard normal, Box–Muller (one of the pair; simplicity over speed, a draw per batch).
-    pub(crate) fn normal(&mut self) -> f64 {
+    pub fn normal(&mut self) -> f64 {
         // 1 − U lies in (0, 1], so the logarithm is finite.
         let u1 = 1.0 - self.uniform();
         let u2 = self.uniform();
@@ -59,7 +56,7 @@ impl Rng {
     /// ln X for X ~ Gamma(shape, 1). In logarithms because for small shapes X underflows to 0
     /// (Gamma(0.01) is below 1e-300 with a few percent probability), which would turn
     /// X / (X + Y) into 0/0.
-    pub(crate) fn ln_gamma_variate(&mut self, shape: f64) -> f64 {
+    pub fn ln_gamma_variate(&mut self, shape: f64) -> f64 {
         if shape < 1.0 {
             // Marsaglia & Tsang's boost: X = Y · U^(1/a) with Y ~ Gamma(a + 1).
             let u = 1.0 - self.uniform();
@@ -84,14 +81,14 @@ impl Rng {
 
     /// Beta(a, b) as X / (X + Y) with X ~ Gamma(a), Y ~ Gamma(b), computed as
     /// 1 / (1 + exp(ln Y − ln X)) so that it stays finite when both underflow.
-    pub(crate) fn beta(&mut self, a: f64, b: f64) -> f64 {
+    pub fn beta(&mut self, a: f64, b: f64) -> f64 {
         let ln_x = self.ln_gamma_variate(a);
         let ln_y = self.ln_gamma_variate(b);
         1.0 / (1.0 + (ln_y - ln_x).exp())
     }
 
     /// A uniformly random permutation of 0..n (Fisher–Yates).
-    pub(crate) fn permutation(&mut self, n: usize) -> Vec<i64> {
+    pub fn permutation(&mut self, n: usize) -> Vec<i64> {
         let mut perm: Vec<i64> = (0..n as i64).collect();
         for i in (1..n).rev() {
             let j = self.below(i as u64 + 1) as usize;
