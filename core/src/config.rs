@@ -75,6 +75,25 @@ pub struct TrainConfig {
     /// gradients flowing back to the f32 weights), everything else in f32.
     #[serde(skip_serializing_if = "Autocast::is_off")]
     pub autocast: Autocast,
+    /// The task loss the model is trained on.
+    #[serde(skip_serializing_if = "Loss::is_default")]
+    pub loss: Loss,
+}
+
+/// `[train] loss`: cross-entropy over one logit per class, or binary cross-entropy on a single
+/// logit (`[model] outputs = 1`, two classes; the prediction is the logit's sign).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Loss {
+    #[default]
+    Ce,
+    Bce,
+}
+
+impl Loss {
+    pub fn is_default(&self) -> bool {
+        *self == Loss::Ce
+    }
 }
 
 /// `[train] autocast`: the reduced precision convolutions and linear layers compute in.
@@ -113,6 +132,7 @@ impl Default for TrainConfig {
             threads: 0,
             checkpoint_every: 1,
             autocast: Autocast::Off,
+            loss: Loss::Ce,
         }
     }
 }
@@ -349,6 +369,27 @@ impl LoadedConfig {
                 "optimizer.weight_decay must be a finite number >= 0",
                 None,
             ));
+        }
+        if let ModelSpec::Builtin(model) = &c.model {
+            let single_logit = model.outputs == Some(1);
+            if single_logit != (c.train.loss == Loss::Bce) {
+                let (path, message, help) = if single_logit {
+                    (
+                        key("model", "outputs"),
+                        "a model with a single output needs [train] loss = \"bce\": cross-entropy \
+                         over one logit is always 0",
+                        "add `loss = \"bce\"` under [train], or drop `outputs = 1`",
+                    )
+                } else {
+                    (
+                        key("train", "loss"),
+                        "loss = \"bce\" trains a single logit, but the model has one per class",
+                        "add `outputs = 1` under [model] (and `cifar2 = true` under [data] for \
+                         CIFAR-10)",
+                    )
+                };
+                return Err(self.error_at(&path, message, Some(help)));
+            }
         }
         c.schedule
             .validate(c.train.epochs)
@@ -733,6 +774,22 @@ momentum = 0.9
         assert!(e.contains("run.toml:6"), "{e}");
         let e = err(BASE, &["train.epochs"]);
         assert!(e.contains("--set expects key.path=value"), "{e}");
+    }
+
+    #[test]
+    fn a_single_logit_goes_with_binary_cross_entropy() {
+        let bce = BASE.replace("epochs = 2", "epochs = 2\nloss = \"bce\"");
+        let e = err(&bce, &[]);
+        assert!(e.contains("outputs = 1") && e.contains(":7:"), "{e}");
+        let e = err(
+            &BASE.replace("arch = \"mlp\"", "arch = \"mlp\"\noutputs = 1"),
+            &[],
+        );
+        assert!(e.contains("loss = \"bce\"") && e.contains(":4:"), "{e}");
+        let both = bce.replace("arch = \"mlp\"", "arch = \"mlp\"\noutputs = 1");
+        let (_d, path) = write(&both);
+        let c = LoadedConfig::load(&path, &[]).unwrap();
+        assert_eq!(c.config.train.loss, Loss::Bce);
     }
 
     #[test]

@@ -45,6 +45,15 @@ impl SharedModel {
     pub fn forward(&self, inputs: &Tensor) -> anyhow::Result<(Tensor, Tensor)> {
         self.net.borrow().forward(inputs, self.training.get())
     }
+
+    pub fn forward_with_feature_map(
+        &self,
+        inputs: &Tensor,
+    ) -> anyhow::Result<(Tensor, Tensor, Tensor)> {
+        self.net
+            .borrow()
+            .forward_with_feature_map(inputs, self.training.get())
+    }
 }
 
 /// The SDK's view of a [`SharedModel`].
@@ -58,6 +67,14 @@ impl Architecture for ModelView {
 
     fn head(&self, features: &Tensor) -> Result<Tensor> {
         self.0.net().head(features).map_err(core_error)
+    }
+
+    fn forward_with_feature_map(&self, inputs: &Tensor) -> Result<(Outputs, Tensor)> {
+        let (logits, features, map) = self
+            .0
+            .forward_with_feature_map(inputs)
+            .map_err(core_error)?;
+        Ok((Outputs { logits, features }, map))
     }
 
     fn parameters(&self) -> Result<Vec<Param>> {

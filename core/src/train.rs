@@ -14,7 +14,7 @@ use trellis_sdk::{
 };
 
 use crate::checkpoint::TrainingState;
-use crate::config::{component_text, DeviceChoice, LoadedConfig, TablePath};
+use crate::config::{component_text, DeviceChoice, LoadedConfig, Loss, TablePath};
 use crate::data::{self, Dataset, Loader, LoaderOptions, Normalize};
 use crate::models::{ModelSpec, Network};
 use crate::plugin_host::{Component, Registry};
@@ -225,8 +225,13 @@ fn build_groups(
 
 /// The loss the host trains on without distillers: cross-entropy against class indices
 /// (`[B]`, int64) or against soft, per-class probabilities (`[B, classes]`, float) that a
-/// callback made (mixup, label smoothing).
-pub fn task_loss(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+/// callback made (mixup, label smoothing); with `Loss::Bce`, the mean sigmoid binary
+/// cross-entropy of a single logit `[B, 1]` against the probability of class 1 (the label, or
+/// the second column of soft targets).
+pub fn task_loss(loss: Loss, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if loss == Loss::Bce {
+        return binary_task_loss(logits, targets);
+    }
     if targets.dim() == 2 {
         if targets.size() != logits.size() {
             bail!(
@@ -243,6 +248,29 @@ pub fn task_loss(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
             .mean(kind));
     }
     Ok(logits.cross_entropy_for_logits(targets))
+}
+
+fn binary_task_loss(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let batch = logits.size()[0];
+    if logits.size() != [batch, 1] {
+        bail!(
+            "loss = \"bce\" needs a single logit per image, but the model gives {:?}\n  help: \
+             set `outputs = 1` in the model's [model] table",
+            logits.size()
+        );
+    }
+    let kind = logits.kind();
+    let positive = match targets.dim() {
+        1 => targets.to_kind(kind),
+        2 if targets.size() == [batch, 2] => targets.select(1, 1).to_kind(kind),
+        _ => bail!(
+            "loss = \"bce\" takes labels [B] or two-class soft targets [B, 2], got {:?}",
+            targets.size()
+        ),
+    };
+    Ok(logits
+        .squeeze_dim(1)
+        .binary_cross_entropy_with_logits::<Tensor>(&positive, None, None, tch::Reduction::Mean))
 }
 
 /// The loop's state between steps.
@@ -483,7 +511,7 @@ impl Trainer<'_> {
         let mut loss = if replace_task_loss {
             Tensor::zeros([], (Kind::Float, self.state.device))
         } else {
-            task_loss(&logits, &batch.targets)?
+            task_loss(self.cfg.config.train.loss, &logits, &batch.targets)?
         };
         let wants_outputs = !self.components.distillers.is_empty()
             || self
@@ -774,6 +802,18 @@ fn setup_model(
     let splits = data::load(&c.data, &cfg.dir(), c.train.seed)?;
     let normalize: Normalize = splits.normalize();
     let num_classes = splits.train.num_classes;
+    if c.train.loss == Loss::Bce && num_classes != 2 {
+        return Err(cfg.error_at(
+            &[
+                crate::source::Seg::Key("train"),
+                crate::source::Seg::Key("loss"),
+            ],
+            &format!(
+                "loss = \"bce\" is for two-class data, but this dataset has {num_classes} classes"
+            ),
+            Some("add `cifar2 = true` under [data] to relabel a ten-class set as CIFAR-2"),
+        ));
+    }
     let train_data = Rc::new(splits.train);
     let test_data = Rc::new(splits.test);
     let state = RunState::new(
@@ -961,18 +1001,20 @@ mod tests {
     #[test]
     fn task_loss_takes_class_indices_and_soft_targets() {
         let rows = [[2.0, 0.5, -1.0], [0.1, 0.3, 1.7]];
-        let hard = task_loss(&logits(), &Tensor::from_slice(&[0i64, 2])).unwrap();
+        let hard = task_loss(Loss::Ce, &logits(), &Tensor::from_slice(&[0i64, 2])).unwrap();
         let expected = (nll(&rows[0], 0) + nll(&rows[1], 2)) / 2.0;
         assert!((hard.double_value(&[]) - expected).abs() < 1e-6);
 
         // One-hot soft targets give the same loss; a mix gives the mix of the two losses
         // (cross-entropy is linear in the targets), which is what mixup's loss is.
         let one_hot = Tensor::from_slice(&[1.0f32, 0.0, 0.0, 0.0, 0.0, 1.0]).view([2, 3]);
-        let soft = task_loss(&logits(), &one_hot).unwrap();
+        let soft = task_loss(Loss::Ce, &logits(), &one_hot).unwrap();
         assert!((soft.double_value(&[]) - expected).abs() < 1e-6);
         let lambda = 0.7;
         let mixed = Tensor::from_slice(&[0.7f32, 0.3, 0.0, 0.0, 0.3, 0.7]).view([2, 3]);
-        let got = task_loss(&logits(), &mixed).unwrap().double_value(&[]);
+        let got = task_loss(Loss::Ce, &logits(), &mixed)
+            .unwrap()
+            .double_value(&[]);
         let want = (lambda * nll(&rows[0], 0)
             + (1.0 - lambda) * nll(&rows[0], 1)
             + lambda * nll(&rows[1], 2)
@@ -981,7 +1023,43 @@ mod tests {
         assert!((got - want).abs() < 1e-6, "{got} vs {want}");
 
         let wrong = Tensor::ones([2, 4], (Kind::Float, Device::Cpu));
-        let err = task_loss(&logits(), &wrong).unwrap_err().to_string();
+        let err = task_loss(Loss::Ce, &logits(), &wrong)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("[2, 4]") && err.contains("[2, 3]"), "{err}");
+    }
+
+    #[test]
+    fn binary_loss_is_mean_sigmoid_cross_entropy_of_one_logit() {
+        let z = [1.5f64, -0.5, 0.25];
+        let y = [1i64, 1, 0];
+        let logits = Tensor::from_slice(&z.map(|v| v as f32)).view([3, 1]);
+        // −[y log σ(z) + (1 − y) log(1 − σ(z))], by hand.
+        let sigmoid = |v: f64| 1.0 / (1.0 + (-v).exp());
+        let by_hand: f64 = z
+            .iter()
+            .zip(y)
+            .map(|(&z, y)| {
+                -if y == 1 {
+                    sigmoid(z).ln()
+                } else {
+                    (1.0 - sigmoid(z)).ln()
+                }
+            })
+            .sum::<f64>()
+            / 3.0;
+        let hard = task_loss(Loss::Bce, &logits, &Tensor::from_slice(&y)).unwrap();
+        assert!((hard.double_value(&[]) - by_hand).abs() < 1e-6);
+        // Two-class soft targets: the second column is the probability of label 1.
+        let soft = Tensor::from_slice(&[0.0f32, 1.0, 0.0, 1.0, 1.0, 0.0]).view([3, 2]);
+        let got = task_loss(Loss::Bce, &logits, &soft)
+            .unwrap()
+            .double_value(&[]);
+        assert!((got - by_hand).abs() < 1e-6);
+
+        let err = task_loss(Loss::Bce, &logits.repeat([1, 2]), &Tensor::from_slice(&y))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("outputs = 1"), "{err}");
     }
 }

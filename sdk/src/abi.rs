@@ -228,6 +228,16 @@ pub struct FfiOutputs {
     pub features: TensorHandle,
 }
 
+/// What [`crate::Architecture::forward_with_feature_map`] returns.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct FfiFeatureMapOutputs {
+    /// The logits and pooled features.
+    pub outputs: FfiOutputs,
+    /// The last convolutional stage's activations `[B, C, H, W]`.
+    pub feature_map: TensorHandle,
+}
+
 /// [`crate::Outputs`] borrowed for one call.
 #[repr(C)]
 #[derive(StableAbi, Clone, Copy)]
@@ -445,8 +455,10 @@ pub trait FfiModel {
     /// The width of the pooled features the head takes.
     fn feature_dim(&self) -> FfiResult<i64>;
     /// The model's `[model]` spec as TOML, which `build_model` turns back into the same model.
-    #[sabi(last_prefix_field)]
     fn spec(&self) -> FfiResult<RString>;
+    /// See [`crate::Architecture::forward_with_feature_map`].
+    #[sabi(last_prefix_field)]
+    fn forward_with_feature_map(&self, inputs: TensorRef<'_>) -> FfiResult<FfiFeatureMapOutputs>;
 }
 
 /// An owned model object.

@@ -748,6 +748,18 @@ impl<M: Architecture> FfiModel for ModelAdapter<M> {
     fn spec(&self) -> FfiResult<RString> {
         ffi(|| self.0.spec(), RString::from)
     }
+    fn forward_with_feature_map(&self, inputs: TensorRef<'_>) -> FfiResult<FfiFeatureMapOutputs> {
+        ffi(
+            || self.0.forward_with_feature_map(&inputs.get()),
+            |(o, map)| FfiFeatureMapOutputs {
+                outputs: FfiOutputs {
+                    logits: o.logits.into(),
+                    features: o.features.into(),
+                },
+                feature_map: map.into(),
+            },
+        )
+    }
 }
 
 pub(crate) struct HostAdapter<S>(pub S);

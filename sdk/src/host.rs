@@ -149,6 +149,16 @@ impl Model {
     pub fn spec(&self) -> Result<String> {
         Ok(self.inner.spec().into_result()?.into_string())
     }
+
+    /// [`forward`](Self::forward) plus the last convolutional stage's activations `[B, C, H, W]`
+    /// in the same graph; an error for a model that has none.
+    pub fn forward_with_feature_map(&self, inputs: &Tensor) -> Result<(Outputs, Tensor)> {
+        let out = self
+            .inner
+            .forward_with_feature_map(inputs.into())
+            .into_result()?;
+        Ok((from_ffi_outputs(out.outputs), out.feature_map.into_tensor()))
+    }
 }
 
 /// A [`Model`] is itself an architecture: a plugin model can hand a model it wraps to code that
@@ -180,6 +190,9 @@ impl Architecture for Model {
     }
     fn spec(&self) -> Result<String> {
         Model::spec(self)
+    }
+    fn forward_with_feature_map(&self, inputs: &Tensor) -> Result<(Outputs, Tensor)> {
+        Model::forward_with_feature_map(self, inputs)
     }
 }
 

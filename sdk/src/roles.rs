@@ -327,6 +327,16 @@ pub trait Architecture: 'static {
     /// component's keys for a plugin's model). For the run's own model the host reports the
     /// config's `[model]` table instead ([`crate::Model::spec`]).
     fn spec(&self) -> Result<String>;
+    /// [`forward`](Architecture::forward) that also returns the activations of the last
+    /// convolutional stage `[B, C, H, W]`, in the same graph as the logits, for methods that look
+    /// inside the network (Grad-CAM differentiates a logit with respect to them). The default
+    /// reports that the model has none; a model without convolutions keeps it.
+    fn forward_with_feature_map(&self, inputs: &Tensor) -> Result<(Outputs, Tensor)> {
+        let _ = inputs;
+        Err(crate::Error::msg(
+            "this model does not expose a convolutional feature map",
+        ))
+    }
 }
 
 /// The training loop's position, handed to callbacks and reported by

@@ -192,6 +192,9 @@ impl Architecture for SharedModel {
     fn forward(&self, inputs: &Tensor) -> Result<Outputs> {
         self.0.forward(inputs)
     }
+    fn forward_with_feature_map(&self, inputs: &Tensor) -> Result<(Outputs, Tensor)> {
+        self.0.forward_with_feature_map(inputs)
+    }
     fn head(&self, features: &Tensor) -> Result<Tensor> {
         self.0.head(features)
     }

@@ -43,9 +43,8 @@ pub fn analyze_weights(opts: &EsdOptions) -> Result<Vec<LayerReport>> {
             classes,
         } => {
             let cfg = ModelConfig {
-                arch: *arch,
                 width: *width,
-                hidden: None,
+                ..ModelConfig::new(*arch)
             };
             let mut net = Network::build(&cfg, *classes, 3, 32, Device::Cpu)?;
             net.load(&opts.weights).with_context(|| {

@@ -128,6 +128,13 @@ pub(crate) struct BatchNorm2d {
 }
 
 impl BatchNorm2d {
+    /// Sets the scale γ to 0 (the layer then outputs its shift, 0 at initialisation).
+    pub fn zero_scale(&self) {
+        tch::no_grad(|| {
+            let _ = self.weight.shallow_clone().zero_();
+        });
+    }
+
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
         x.batch_norm(
             Some(&self.weight),

@@ -34,6 +34,53 @@ pub struct ModelConfig {
     /// MLP hidden layer sizes, `[256, 256]` when absent; refused for the other architectures.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hidden: Option<Vec<i64>>,
+    /// `1`: a single logit for a two-class task (`[train] loss = "bce"`); absent: one logit per
+    /// class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outputs: Option<i64>,
+    /// ResNets: the second BatchNorm of every block starts with scale 0.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub zero_init_residual: bool,
+    /// LeNet-5's pooling.
+    #[serde(default, skip_serializing_if = "Pool::is_default")]
+    pub pool: Pool,
+    /// LeNet-5's convolution padding.
+    #[serde(default, skip_serializing_if = "Padding::is_default")]
+    pub padding: Padding,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// How LeNet-5 pools after each convolution.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pool {
+    #[default]
+    Max,
+    Avg,
+}
+
+impl Pool {
+    fn is_default(&self) -> bool {
+        *self == Pool::default()
+    }
+}
+
+/// How LeNet-5 pads its 5×5 convolutions: not at all, or to keep the image size.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Padding {
+    #[default]
+    Valid,
+    Same,
+}
+
+impl Padding {
+    fn is_default(&self) -> bool {
+        *self == Padding::default()
+    }
 }
 
 fn default_width() -> f64 {
@@ -47,6 +94,10 @@ impl ModelConfig {
             arch,
             width: default_width(),
             hidden: None,
+            outputs: None,
+            zero_init_residual: false,
+            pool: Pool::Max,
+            padding: Padding::Valid,
         }
     }
 
@@ -67,6 +118,24 @@ impl ModelConfig {
                 "model.hidden sizes must be positive, got {hidden:?}"
             );
         }
+        if let Some(outputs) = self.outputs {
+            ensure!(
+                outputs == 1,
+                "model.outputs = {outputs} is not supported: `outputs = 1` gives a single logit \
+                 for a two-class task (with [train] loss = \"bce\"); leave it out for one logit \
+                 per class"
+            );
+        }
+        ensure!(
+            !self.zero_init_residual || matches!(self.arch, Arch::Resnet18 | Arch::Resnet34),
+            "model.zero_init_residual only applies to the ResNets, not to \"{}\"",
+            self.arch
+        );
+        ensure!(
+            self.arch == Arch::Lenet5 || (self.pool, self.padding) == Default::default(),
+            "model.pool and model.padding only apply to arch = \"lenet5\", not to \"{}\"",
+            self.arch
+        );
         Ok(())
     }
 }
@@ -269,7 +338,8 @@ impl Network {
                 } else {
                     [3, 4, 6, 3]
                 };
-                let (net, dim) = resnet::ResNet::new(&mut b, depths, w, in_channels)?;
+                let (net, dim) =
+                    resnet::ResNet::new(&mut b, depths, w, in_channels, cfg.zero_init_residual)?;
                 (Body::ResNet(net), dim)
             }
             Arch::Vgg16Bn => {
@@ -283,11 +353,13 @@ impl Network {
                 (Body::Mlp(net), dim)
             }
             Arch::Lenet5 => {
-                let (net, dim) = small::LeNet5::new(&mut b, w, in_channels, image_size)?;
+                let (net, dim) =
+                    small::LeNet5::new(&mut b, w, in_channels, image_size, cfg.pool, cfg.padding)?;
                 (Body::LeNet5(net), dim)
             }
         };
-        let head = b.linear(cfg.arch.head_name(), feature_dim, num_classes)?;
+        let outputs = cfg.outputs.unwrap_or(num_classes);
+        let head = b.linear(cfg.arch.head_name(), feature_dim, outputs)?;
         let (layers, vars) = b.finish();
         Ok(Network {
             inner: Inner::Builtin { vs, body, head },
@@ -350,10 +422,10 @@ impl Network {
         let (logits, features) = match &self.inner {
             Inner::Builtin { body, head, .. } => {
                 let features = match body {
-                    Body::ResNet(net) => net.features(x, train),
-                    Body::Vgg(net) => net.features(x, train),
+                    Body::ResNet(net) => resnet::ResNet::pool(&net.feature_map(x, train)),
+                    Body::Vgg(net) => net.pool(&net.feature_map(x, train), train),
                     Body::Mlp(net) => net.features(x),
-                    Body::LeNet5(net) => net.features(x),
+                    Body::LeNet5(net) => net.pool(&net.feature_map(x)),
                 };
                 (head.forward(&features), features)
             }
@@ -371,6 +443,52 @@ impl Network {
             return Ok((logits.to_kind(kind), features.to_kind(kind)));
         }
         Ok((logits, features))
+    }
+
+    /// [`forward`](Self::forward) that also returns the activations of the last convolutional
+    /// stage `[B, C, H, W]`, in the same graph as the logits (Grad-CAM differentiates a logit with
+    /// respect to them). An error for a model without convolutions.
+    pub fn forward_with_feature_map(
+        &self,
+        x: &Tensor,
+        train: bool,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        match &self.inner {
+            Inner::Builtin { body, head, .. } => {
+                let (map, features) = match body {
+                    Body::ResNet(net) => {
+                        let map = net.feature_map(x, train);
+                        let features = resnet::ResNet::pool(&map);
+                        (map, features)
+                    }
+                    Body::Vgg(net) => {
+                        let map = net.feature_map(x, train);
+                        let features = net.pool(&map, train);
+                        (map, features)
+                    }
+                    Body::LeNet5(net) => {
+                        let map = net.feature_map(x);
+                        let features = net.pool(&map);
+                        (map, features)
+                    }
+                    Body::Mlp(_) => bail!(
+                        "{} has no convolutional feature map (Grad-CAM needs one)",
+                        self.spec.name()
+                    ),
+                };
+                Ok((head.forward(&features), features, map))
+            }
+            Inner::Plugin { model, training } => {
+                if training.get() != Some(train) {
+                    model.set_training(train).map_err(|e| anyhow!(e.message))?;
+                    training.set(Some(train));
+                }
+                let (out, map) = model
+                    .forward_with_feature_map(x)
+                    .map_err(|e| anyhow!("model `{}`: {}", self.spec.name(), e.message))?;
+                Ok((out.logits, out.features, map))
+            }
+        }
     }
 
     /// The classifier head alone, applied to given features.
@@ -665,9 +783,9 @@ mod tests {
         assert_eq!(
             cfg,
             ModelConfig {
-                arch: Arch::Mlp,
                 width: 0.5,
-                hidden: Some(vec![128, 64])
+                hidden: Some(vec![128, 64]),
+                ..ModelConfig::new(Arch::Mlp)
             }
         );
         let back: ModelConfig = toml::from_str(&toml::to_string(&cfg).unwrap()).unwrap();
@@ -708,6 +826,101 @@ mod tests {
             (scaled(84, 0.125), scaled(6, 0.25), scaled(64, 0.25)),
             (10, 2, 16)
         );
+    }
+
+    #[test]
+    fn seed_paper_options_are_checked_and_shape_the_network() {
+        let refused = |cfg: ModelConfig, word: &str| {
+            let err = Network::build(&cfg, 2, 3, 32, Device::Cpu).unwrap_err();
+            assert!(err.to_string().contains(word), "{err}");
+        };
+        refused(
+            ModelConfig {
+                outputs: Some(2),
+                ..ModelConfig::new(Arch::Mlp)
+            },
+            "outputs = 2",
+        );
+        refused(
+            ModelConfig {
+                zero_init_residual: true,
+                ..ModelConfig::new(Arch::Vgg16Bn)
+            },
+            "zero_init_residual",
+        );
+        refused(
+            ModelConfig {
+                pool: Pool::Avg,
+                ..ModelConfig::new(Arch::Resnet18)
+            },
+            "lenet5",
+        );
+
+        // The reference LeNet of section 8 on 3×32×32: conv 6@5×5 same, avgpool, conv 16@5×5
+        // same, avgpool, dense 16·8·8 → 120 → 84 → 1.
+        let lenet = ModelConfig {
+            outputs: Some(1),
+            pool: Pool::Avg,
+            padding: Padding::Same,
+            ..ModelConfig::new(Arch::Lenet5)
+        };
+        let net = Network::build(&lenet, 2, 3, 32, Device::Cpu).unwrap();
+        let count: i64 = net
+            .parameters()
+            .iter()
+            .map(|(_, _, t)| t.numel() as i64)
+            .sum();
+        let expected = (3 * 25 * 6 + 6) + (6 * 25 * 16 + 16) + (1024 * 120 + 120);
+        assert_eq!(count, expected + (120 * 84 + 84) + (84 + 1));
+        let (logits, _, map) = net.forward_with_feature_map(&batch(), false).unwrap();
+        assert_eq!(
+            (logits.size(), map.size()),
+            (vec![2, 1], vec![2, 16, 16, 16])
+        );
+        // Average pooling: the features are the 2×2 means of the (ReLU'd) map.
+        let (_, features) = net.forward(&batch(), false).unwrap();
+        assert_eq!(features.size(), [2, 84]);
+
+        // zero_init_residual: every block starts as its shortcut (bn2's scale is 0).
+        let resnet = ModelConfig {
+            width: 0.125,
+            zero_init_residual: true,
+            ..ModelConfig::new(Arch::Resnet18)
+        };
+        let net = Network::build(&resnet, 10, 3, 32, Device::Cpu).unwrap();
+        let scales: Vec<_> = net
+            .state_dict()
+            .into_iter()
+            .filter(|(n, _)| n.ends_with("bn2.weight"))
+            .collect();
+        assert_eq!(scales.len(), 8);
+        for (name, scale) in scales {
+            assert_eq!(
+                scale.abs().sum(Kind::Float).double_value(&[]),
+                0.0,
+                "{name}"
+            );
+        }
+        let first_bn = get(&net, "bn1.weight");
+        assert_eq!(first_bn.min().double_value(&[]), 1.0);
+    }
+
+    #[test]
+    fn feature_map_is_the_map_the_features_pool() {
+        tch::manual_seed(1);
+        let x = batch();
+        for arch in [Arch::Resnet18, Arch::Vgg16Bn, Arch::Lenet5] {
+            let net = small(arch);
+            let (logits, features) = net.forward(&x, false).unwrap();
+            let (l2, f2, map) = net.forward_with_feature_map(&x, false).unwrap();
+            assert!(logits.equal(&l2) && features.equal(&f2), "{arch}");
+            assert_eq!(map.dim(), 4, "{arch}");
+            assert_eq!(map.size()[0], 2, "{arch}");
+        }
+        let err = small(Arch::Mlp)
+            .forward_with_feature_map(&x, false)
+            .unwrap_err();
+        assert!(err.to_string().contains("feature map"), "{err}");
     }
 
     #[test]

@@ -51,6 +51,11 @@ impl BasicBlock {
         })
     }
 
+    /// `zero_init_residual`: the block starts as its shortcut, the residual branch scaled by 0.
+    fn zero_residual(&self) {
+        self.bn2.zero_scale();
+    }
+
     fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
         let out = self.bn1.forward_t(&self.conv1.forward(x), train).relu();
         let out = self.bn2.forward_t(&self.conv2.forward(&out), train);
@@ -70,12 +75,14 @@ pub(crate) struct ResNet {
 }
 
 impl ResNet {
-    /// Returns the network body and its feature dimension.
+    /// Returns the network body and its feature dimension. `zero_init_residual` starts the
+    /// second BatchNorm of every block at scale 0 (Goyal et al.; the linearized-networks recipe).
     pub fn new(
         b: &mut Builder,
         depths: [usize; 4],
         width: f64,
         in_channels: i64,
+        zero_init_residual: bool,
     ) -> Result<(Self, i64)> {
         let stem = scaled(64, width);
         let conv1 = b.conv2d("conv1", conv(in_channels, stem, 3, 1))?;
@@ -91,17 +98,26 @@ impl ResNet {
                 c_in = c_out;
             }
         }
+        if zero_init_residual {
+            blocks.iter().for_each(BasicBlock::zero_residual);
+        }
         Ok((ResNet { conv1, bn1, blocks }, c_in))
     }
 
-    pub fn features(&self, x: &Tensor, train: bool) -> Tensor {
+    /// The last stage's activations `[B, C, H, W]`, before pooling (what Grad-CAM looks at).
+    pub fn feature_map(&self, x: &Tensor, train: bool) -> Tensor {
         let x = convolution_layout(x);
         let mut out = self.bn1.forward_t(&self.conv1.forward(&x), train).relu();
         for block in &self.blocks {
             out = block.forward_t(&out, train);
         }
+        out
+    }
+
+    /// Pools a [`feature_map`](Self::feature_map) into the features the head takes.
+    pub fn pool(map: &Tensor) -> Tensor {
         // Equals kuangliu's avg_pool2d(out, 4) at 32×32 and still works at other input sizes.
-        out.adaptive_avg_pool2d([1, 1]).flatten(1, -1)
+        map.adaptive_avg_pool2d([1, 1]).flatten(1, -1)
     }
 }
 

@@ -5,7 +5,7 @@ use anyhow::{ensure, Result};
 use tch::Tensor;
 
 use super::blocks::{Builder, Conv2d, ConvInit, ConvSpec, Linear};
-use super::scaled;
+use super::{scaled, Padding, Pool};
 
 /// Hidden sizes when the config names none.
 pub(crate) const DEFAULT_HIDDEN: [i64; 2] = [256, 256];
@@ -43,21 +43,32 @@ pub(crate) struct LeNet5 {
     conv2: Conv2d,
     fc1: Linear,
     fc2: Linear,
+    pool: Pool,
 }
 
 impl LeNet5 {
-    /// Returns the network body and its feature dimension.
+    /// Returns the network body and its feature dimension. LeCun's LeNet-5 has unpadded
+    /// convolutions and max-pooling; the linearized-networks paper's variant pads them to keep
+    /// the size (`padding = "same"`) and average-pools (`pool = "avg"`).
     pub fn new(
         b: &mut Builder,
         width: f64,
         in_channels: i64,
         image_size: i64,
+        pool: Pool,
+        padding: Padding,
     ) -> Result<(Self, i64)> {
-        // Two unpadded 5×5 convs, each followed by a 2×2 pool: 32 → 28 → 14 → 10 → 5.
-        let side = ((image_size - 4) / 2 - 4) / 2;
+        // Valid: two 5×5 convs, each followed by a 2×2 pool: 32 → 28 → 14 → 10 → 5.
+        // Same: 32 → 32 → 16 → 16 → 8.
+        let (shrink, pad) = match padding {
+            Padding::Valid => (4, 0),
+            Padding::Same => (0, 2),
+        };
+        let side = ((image_size - shrink) / 2 - shrink) / 2;
         ensure!(
             side >= 1,
-            "lenet5 needs images of at least 16×16 pixels, got {image_size}"
+            "lenet5 needs images of at least {} pixels a side, got {image_size}",
+            if padding == Padding::Valid { 16 } else { 4 }
         );
         let (c1, c2) = (scaled(6, width), scaled(16, width));
         let (h1, h2) = (scaled(120, width), scaled(84, width));
@@ -66,7 +77,7 @@ impl LeNet5 {
             c_out,
             kernel: 5,
             stride: 1,
-            padding: 0,
+            padding: pad,
             bias: true,
             init: ConvInit::PyTorchDefault,
         };
@@ -80,15 +91,29 @@ impl LeNet5 {
                 conv2,
                 fc1,
                 fc2,
+                pool,
             },
             h2,
         ))
     }
 
-    pub fn features(&self, x: &Tensor) -> Tensor {
-        let out = self.conv1.forward(x).relu().max_pool2d_default(2);
-        let out = self.conv2.forward(&out).relu().max_pool2d_default(2);
-        let out = self.fc1.forward(&out.flatten(1, -1)).relu();
+    fn pool2(&self, x: &Tensor) -> Tensor {
+        match self.pool {
+            Pool::Max => x.max_pool2d_default(2),
+            Pool::Avg => x.avg_pool2d_default(2),
+        }
+    }
+
+    /// The second convolution's activations `[B, 16, H, W]`, before its pooling (what Grad-CAM
+    /// looks at).
+    pub fn feature_map(&self, x: &Tensor) -> Tensor {
+        let out = self.pool2(&self.conv1.forward(x).relu());
+        self.conv2.forward(&out).relu()
+    }
+
+    /// The fully connected layers on a [`feature_map`](Self::feature_map).
+    pub fn pool(&self, map: &Tensor) -> Tensor {
+        let out = self.fc1.forward(&self.pool2(map).flatten(1, -1)).relu();
         self.fc2.forward(&out).relu()
     }
 }

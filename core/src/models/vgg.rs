@@ -89,15 +89,37 @@ impl Vgg {
         Ok((Vgg { features }, c_in * side * side))
     }
 
-    pub fn features(&self, x: &Tensor, train: bool) -> Tensor {
+    /// The last convolution's activations `[B, C, H, W]`, before the final pooling (what
+    /// Grad-CAM looks at).
+    pub fn feature_map(&self, x: &Tensor, train: bool) -> Tensor {
         let mut out = convolution_layout(x);
-        for stage in &self.features {
-            out = match stage {
-                Stage::ConvBnRelu(conv, bn) => bn.forward_t(&conv.forward(&out), train).relu(),
-                Stage::MaxPool => out.max_pool2d_default(2),
-            };
+        let last_conv = self.last_conv();
+        for stage in &self.features[..=last_conv] {
+            out = self.apply(stage, &out, train);
+        }
+        out
+    }
+
+    /// The stages after [`feature_map`](Self::feature_map), flattened into the head's input.
+    pub fn pool(&self, map: &Tensor, train: bool) -> Tensor {
+        let last_conv = self.last_conv();
+        let mut out = map.shallow_clone();
+        for stage in &self.features[last_conv + 1..] {
+            out = self.apply(stage, &out, train);
         }
         out.flatten(1, -1)
+    }
+
+    fn last_conv(&self) -> usize {
+        let conv = |s: &Stage| matches!(s, Stage::ConvBnRelu(..));
+        self.features.iter().rposition(conv).unwrap_or(0)
+    }
+
+    fn apply(&self, stage: &Stage, x: &Tensor, train: bool) -> Tensor {
+        match stage {
+            Stage::ConvBnRelu(conv, bn) => bn.forward_t(&conv.forward(x), train).relu(),
+            Stage::MaxPool => x.max_pool2d_default(2),
+        }
     }
 }
 

@@ -455,6 +455,12 @@ impl<T: Architecture> Architecture for Named<T> {
     fn spec(&self) -> trellis_sdk::Result<String> {
         self.wrap(self.inner.spec())
     }
+    fn forward_with_feature_map(
+        &self,
+        inputs: &tch::Tensor,
+    ) -> trellis_sdk::Result<(Outputs, tch::Tensor)> {
+        self.wrap(self.inner.forward_with_feature_map(inputs))
+    }
 }
 
 impl<T: Callback> Callback for Named<T> {

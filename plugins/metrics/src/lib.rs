@@ -1,5 +1,9 @@
 //! Evaluation metrics: top-k accuracy, mean cross-entropy, expected calibration error.
 //!
+//! A model with a single logit z (`[model] outputs = 1`, `loss = "bce"`) is read as the two-class
+//! logits [0, z]: their softmax is [1 − σ(z), σ(z)], so cross-entropy is the binary
+//! cross-entropy, top-1 is the sign of z and confidence is max(σ(z), 1 − σ(z)).
+//!
 //! Counts accumulate in tensors on the model's device and are read once in `compute`, so
 //! evaluation never waits on a device-to-host copy per batch.
 
@@ -14,6 +18,15 @@ fn sum_into(total: &mut Option<Tensor>, value: Tensor) {
         Some(t) => t + value,
         None => value,
     });
+}
+
+/// The logits as one column per class: a single logit z becomes [0, z].
+fn class_logits(logits: &Tensor) -> Tensor {
+    if logits.size().get(1) == Some(&1) {
+        Tensor::cat(&[logits.zeros_like(), logits.shallow_clone()], 1)
+    } else {
+        logits.shallow_clone()
+    }
 }
 
 fn read(total: &Option<Tensor>) -> Vec<f64> {
@@ -65,9 +78,10 @@ impl Metric for Accuracy {
     }
 
     fn update(&mut self, batch: &Batch, outputs: &Outputs) -> Result<()> {
-        let classes = outputs.logits.size()[1];
+        let logits = class_logits(&outputs.logits);
+        let classes = logits.size()[1];
         let max_k = self.top_k.iter().copied().max().unwrap_or(1).min(classes);
-        let (_, top) = outputs.logits.f_topk(max_k, -1, true, true)?;
+        let (_, top) = logits.f_topk(max_k, -1, true, true)?;
         let hits = top.f_eq_tensor(&batch.targets.unsqueeze(1))?;
         let mut counts: Vec<Tensor> = self
             .top_k
@@ -129,7 +143,7 @@ impl Metric for MeanLoss {
     }
 
     fn update(&mut self, batch: &Batch, outputs: &Outputs) -> Result<()> {
-        let logits = outputs.logits.to_kind(Kind::Float);
+        let logits = class_logits(&outputs.logits).to_kind(Kind::Float);
         let sum = logits.f_cross_entropy_loss::<Tensor>(
             &batch.targets,
             None,
@@ -202,8 +216,7 @@ impl Metric for Ece {
     }
 
     fn update(&mut self, batch: &Batch, outputs: &Outputs) -> Result<()> {
-        let probs = outputs
-            .logits
+        let probs = class_logits(&outputs.logits)
             .to_kind(Kind::Float)
             .f_softmax(-1, Kind::Float)?;
         let (confidence, predicted) = probs.f_max_dim(-1, false)?;
@@ -329,5 +342,47 @@ mod tests {
         let v = ece.compute(info()).unwrap();
         let conf = 1.0 / (1.0 + (-1f64).exp());
         assert!((scalar(&v, "ece") - 100.0 * (conf - 0.5)).abs() < 1e-4);
+    }
+
+    #[test]
+    fn a_single_logit_is_scored_by_its_sign_and_sigmoid() {
+        let z = [2.0f32, -1.0, 0.5, -0.25];
+        let y = [1i64, 1, 0, 0];
+        let (b, o) = batch(&z, 1, &y);
+
+        let mut acc = Accuracy {
+            top_k: vec![1],
+            counts: None,
+        };
+        acc.update(&b, &o).unwrap();
+        // Signs predict 1, 0, 1, 0: samples 0 and 3 are right.
+        assert!((scalar(&acc.compute(info()).unwrap(), "top1") - 50.0).abs() < 1e-4);
+
+        let sigmoid = |v: f64| 1.0 / (1.0 + (-v).exp());
+        let mut loss = MeanLoss { totals: None };
+        loss.update(&b, &o).unwrap();
+        let bce: f64 = z
+            .iter()
+            .zip(y)
+            .map(|(&z, y)| {
+                let p = sigmoid(z as f64);
+                -if y == 1 { p.ln() } else { (1.0 - p).ln() }
+            })
+            .sum::<f64>()
+            / 4.0;
+        assert!((scalar(&loss.compute(info()).unwrap(), "loss") - bce).abs() < 1e-5);
+
+        // Confidences σ(2) = 0.881 (right), σ(1) = 0.731 (wrong), σ(0.5) = 0.622 (wrong),
+        // σ(0.25) = 0.562 (right), each alone in one of 10 bins.
+        let mut ece = Ece {
+            bins: 10,
+            totals: None,
+        };
+        ece.update(&b, &o).unwrap();
+        let want = [(2.0, 1.0), (1.0, 0.0), (0.5, 0.0), (0.25, 1.0)]
+            .iter()
+            .map(|&(z, right): &(f64, f64)| (right - sigmoid(z)).abs() / 4.0)
+            .sum::<f64>();
+        assert!((scalar(&ece.compute(info()).unwrap(), "ece") - 100.0 * want).abs() < 1e-4);
     }
 }
