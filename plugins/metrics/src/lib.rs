@@ -36,16 +36,13 @@ fn read(total: &Option<Tensor>) -> Vec<f64> {
         .unwrap_or_default()
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AccuracyConfig {
-    pub top_k: Vec<i64>,
-}
-
-impl Default for AccuracyConfig {
-    fn default() -> Self {
-        AccuracyConfig { top_k: vec![1, 5] }
-    }
+    /// The k to report; absent: 1, and 5 where there are more than 5 classes (top-5 of a
+    /// two-class task is always 100 %).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<Vec<i64>>,
 }
 
 /// Percentage of samples whose label is among the k highest logits, for every configured k.
@@ -60,12 +57,29 @@ impl Component for Accuracy {
     const DESCRIPTION: &'static str = "top-k accuracy in percent (top1, top5, ...)";
     type Config = AccuracyConfig;
 
-    fn new(config: AccuracyConfig, _host: Host) -> Result<Self> {
-        if config.top_k.is_empty() || config.top_k.iter().any(|&k| k < 1) {
-            return Err(Error::config("top_k", "top_k must list values >= 1"));
-        }
+    fn new(config: AccuracyConfig, host: Host) -> Result<Self> {
+        let classes = host.num_classes();
+        let top_k = match config.top_k {
+            None if classes > 5 => vec![1, 5],
+            None => vec![1],
+            Some(top_k) => {
+                if top_k.is_empty() || top_k.iter().any(|&k| k < 1) {
+                    return Err(Error::config("top_k", "top_k must list values >= 1"));
+                }
+                if let Some(k) = top_k.iter().find(|&&k| k > classes) {
+                    return Err(Error::config(
+                        "top_k",
+                        format!(
+                            "top_k has {k}, but the data has {classes} classes: every label is \
+                             among the top {classes}"
+                        ),
+                    ));
+                }
+                top_k
+            }
+        };
         Ok(Accuracy {
-            top_k: config.top_k,
+            top_k,
             counts: None,
         })
     }
@@ -298,6 +312,25 @@ mod tests {
             .find(|(n, _)| n == name)
             .unwrap_or_else(|| panic!("no {name} in {values:?}"))
             .1
+    }
+
+    #[test]
+    fn top_k_follows_the_number_of_classes() {
+        let host = |classes| {
+            trellis_sdk::testing::FakeHost::new(trellis_sdk::testing::TinyNet::new(3, classes))
+                .classes(classes)
+                .host()
+        };
+        let ks = |config: &str, classes| {
+            let config: AccuracyConfig = trellis_sdk::parse_config(config).unwrap();
+            Accuracy::new(config, host(classes)).map(|a| a.top_k)
+        };
+        assert_eq!(ks("", 10).unwrap(), [1, 5]);
+        assert_eq!(ks("", 2).unwrap(), [1]);
+        assert_eq!(ks("top_k = [1, 2]", 2).unwrap(), [1, 2]);
+        let err = ks("top_k = [1, 20]", 10).err().unwrap();
+        assert_eq!(err.key.as_deref(), Some("top_k"));
+        assert!(err.message.contains("20") && err.message.contains("10 classes"));
     }
 
     #[test]
