@@ -74,7 +74,7 @@ fn kd_learns_from_a_teacher_run_and_the_metrics_compare_them() {
     let student = config("../plugins.toml", "resnet18", 1, &kd_table);
     let err = assert_error(&run_in(dir.path(), "early", &student, &[]));
     assert!(
-        err.contains("no teacher weights at") && err.contains("train the teacher first"),
+        err.contains("no weights of the teacher at") && err.contains("train it first"),
         "{err}"
     );
 

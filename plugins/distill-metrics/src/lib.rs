@@ -5,9 +5,13 @@
 //! - `adversarial_transfer`: iterative FGSM on the teacher; of the images whose teacher
 //!   prediction it changes, the % whose model prediction changes too.
 //! - `jitter_invariance`: % of images whose prediction survives a random colour jitter.
+//! - `localization` ([`Localization`]): % of images whose Grad-CAM of the true class is closer
+//!   (cosine) to the teacher's than an independently trained student's is.
 //!
 //! The teacher is configured as for `kd`: `teacher = { arch = ..., width = ... }` (its `[model]`
-//! table) and `teacher_checkpoint` (the `model.safetensors` of the run that trained it).
+//! table) and `teacher_checkpoint` (the `model.safetensors` of the run that trained it);
+//! `localization` takes the independently trained student the same way (`independent`,
+//! `independent_checkpoint`).
 //!
 //! **Pixel space.** The attack budget and the jitter are defined on pixels in [0, 1], but the
 //! model sees normalised inputs (x − mean)/std per channel; the metrics undo and redo the
@@ -21,6 +25,9 @@ use trellis_sdk::{
     Batch, Component, EpochInfo, Error, Host, Metric, MetricValues, Model, Outputs, Plugin, Result,
 };
 use trellis_teacher::load_teacher;
+
+mod localization;
+pub use localization::{grad_cam, upsample_cam, Localization, LocalizationConfig};
 
 fn top1(logits: &Tensor) -> Tensor {
     logits.argmax(-1, false)
@@ -677,11 +684,13 @@ impl Metric for JitterInvariance {
 trellis_sdk::export_plugin!(Plugin::new(
     env!("CARGO_PKG_NAME"),
     env!("CARGO_PKG_VERSION"),
-    "what gets distilled: teacher agreement, adversarial transfer, colour-jitter invariance"
+    "what gets distilled: teacher agreement, adversarial transfer, colour-jitter invariance, \
+     Grad-CAM localisation"
 )
 .metric::<Agreement>()
 .metric::<AdversarialTransfer>()
-.metric::<JitterInvariance>());
+.metric::<JitterInvariance>()
+.metric::<Localization>());
 
 #[cfg(test)]
 mod tests {
