@@ -8,7 +8,8 @@
 //! the same SGD step.
 //!
 //! Flags (after `--`): `--quick` (a smoke run: fewer, smaller repetitions), `--threads N` (default:
-//! every core), `--cases a,b` (of train, optimizer, eval, data, dispatch, memory, epoch),
+//! every core), `--cases a,b` (of train, optimizer, eval, data, dispatch, memory, epoch,
+//! linearized: f_lin against f, both Trellis),
 //! `--device cpu|cuda` (where the `epoch` case trains; the others are CPU cases), `--python PATH`
 //! (default: the `.torch-python` link that scripts/setup.sh makes), `--python-env KEY=VALUE`
 //! (environment for the PyTorch side only), `--pytorch-channels-last` (the PyTorch side in the
@@ -67,7 +68,7 @@ struct Args {
     memory_child: Option<(f64, usize)>,
 }
 
-const CASES: [&str; 7] = [
+const CASES: [&str; 8] = [
     "train",
     "optimizer",
     "eval",
@@ -75,6 +76,7 @@ const CASES: [&str; 7] = [
     "dispatch",
     "memory",
     "epoch",
+    "linearized",
 ];
 
 fn parse_args() -> Result<Args> {
@@ -419,6 +421,8 @@ impl Plugins {
                 "trellis-metrics",
                 "-p",
                 "trellis-fixture-misbehaving",
+                "-p",
+                "trellis-linearized",
             ])
             .current_dir(workspace_root());
         if profile.ends_with("release") {
@@ -442,6 +446,7 @@ impl Plugins {
             "trellis-optim",
             "trellis-metrics",
             "trellis-fixture-misbehaving",
+            "trellis-linearized",
         ] {
             let file = profile.join(format!("lib{}.so", package.replace('-', "_")));
             manifest.push_str(&format!(
@@ -673,6 +678,8 @@ struct Report {
     rows: Vec<Row>,
     /// Trellis against itself: plugins (first column) against static linking (second).
     dispatch: Option<Row>,
+    /// Trellis against itself: f_lin's epoch (first column) against f's (second).
+    linearized: Vec<Row>,
     notes: Vec<String>,
 }
 
@@ -701,6 +708,7 @@ impl Report {
             .rows
             .iter()
             .chain(&self.dispatch)
+            .chain(&self.linearized)
             .map(|r| r.case.chars().count())
             .max()
             .unwrap_or(4);
@@ -749,6 +757,31 @@ impl Report {
                 r.trellis / r.pytorch,
                 format!("{}/{}", r.samples.0, r.samples.1),
             );
+        }
+        if !self.linearized.is_empty() {
+            println!();
+            println!(
+                "| {:width$} | {:>14} | {:>14} | {:>15} | {:>7} |",
+                "case", "f_lin", "f", "f_lin/f", "samples"
+            );
+            println!(
+                "|{}|{}|{}|{}|{}|",
+                "-".repeat(width + 2),
+                "-".repeat(16),
+                "-".repeat(16),
+                "-".repeat(17),
+                "-".repeat(9)
+            );
+            for r in &self.linearized {
+                println!(
+                    "| {:width$} | {:>14} | {:>14} | {:>15.3} | {:>7} |",
+                    r.case,
+                    format!("{:.4} {}", r.trellis, r.unit),
+                    format!("{:.4} {}", r.pytorch, r.unit),
+                    r.trellis / r.pytorch,
+                    format!("{}/{}", r.samples.0, r.samples.1),
+                );
+            }
         }
         println!();
         for n in &self.notes {
@@ -1376,6 +1409,95 @@ use = "loss"
 }
 
 impl Bench {
+    /// The last of `epochs` training epochs of `trellis run CONFIG` in a process of its own:
+    /// `train_seconds` in metrics.jsonl.
+    fn timed_run(&self, config: &Path, run_dir: &Path) -> Result<Vec<f64>> {
+        let _ = std::fs::remove_dir_all(run_dir);
+        let out = Command::new(profile_dir()?.join("trellis"))
+            .arg("run")
+            .arg(config)
+            .arg("--out")
+            .arg(run_dir)
+            .arg("--quiet")
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "trellis run {} failed: {}",
+            config.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let log = std::fs::read_to_string(run_dir.join("metrics.jsonl"))?;
+        let last: Value = serde_json::from_str(
+            log.lines()
+                .last()
+                .ok_or_else(|| anyhow!("empty metrics.jsonl"))?,
+        )?;
+        let seconds = last["train_seconds"]
+            .as_f64()
+            .ok_or_else(|| anyhow!("no train_seconds in {last}"))?;
+        Ok(vec![seconds])
+    }
+
+    /// f_lin against f (METHODS.md section 8 quotes 1.4–2.1× a step of f for forward-mode AD,
+    /// 3–4.6× for double-vjp): the `epoch` case's CPU run of ResNet18 at width 16, once as
+    /// itself and once wrapped in `linearized` with each JVP, alternating, each run in a process
+    /// of its own with its last epoch timed.
+    fn linearized(&mut self) -> Result<()> {
+        let images = self.sizes(640, 2_560);
+        let (epochs, reps) = (2, self.sizes(1, 3));
+        eprintln!(
+            "linearized: ResNet18 width {WIDTH_16} on {images} images on the CPU, f against f_lin \
+             (dual, double_vjp), {epochs} epochs per run (the last timed), {reps} runs each"
+        );
+        let f = epoch_config(
+            &self.plugins.manifest,
+            WIDTH_16,
+            images,
+            epochs,
+            Device::Cpu,
+            self.args.threads,
+        );
+        let base_model = format!("[model]\narch = \"resnet18\"\nwidth = {WIDTH_16:?}\n");
+        ensure!(
+            f.contains(&base_model),
+            "the epoch config's [model] changed"
+        );
+        let f_path = self.dir.path().join("f.toml");
+        std::fs::write(&f_path, &f)?;
+        let run_dir = self.dir.path().join("linearized-run");
+        for jvp in ["dual", "double_vjp"] {
+            let lin = f.replace(
+                &base_model,
+                &format!(
+                    "[model]\nuse = \"linearized\"\njvp = \"{jvp}\"\n\
+                     base = {{ arch = \"resnet18\", width = {WIDTH_16:?} }}\n"
+                ),
+            );
+            let lin_path = self.dir.path().join(format!("f_lin_{jvp}.toml"));
+            std::fs::write(&lin_path, lin)?;
+            let (t, p) = alternate(
+                reps,
+                || self.timed_run(&lin_path, &run_dir),
+                || self.timed_run(&f_path, &run_dir),
+            )?;
+            let row = Row::new(
+                &format!("epoch of {images} images, jvp = {jvp} (s)"),
+                "s",
+                &t,
+                &p,
+                1.0,
+            );
+            eprintln!(
+                "  f_lin ({jvp}) {:.4} s, f {:.4} s, ratio {:.3}",
+                row.trellis,
+                row.pytorch,
+                row.trellis / row.pytorch
+            );
+            self.report.linearized.push(row);
+        }
+        Ok(())
+    }
+
     /// Whole epochs through the `trellis` binary against the PyTorch script's `--epochs` mode,
     /// each in a process of its own; the last epoch of each run is timed, so that one-off
     /// start-up (cuDNN's first calls, the allocators' first blocks) is left out on both sides.
@@ -1585,6 +1707,7 @@ fn main() -> Result<()> {
         report: Report {
             rows: Vec::new(),
             dispatch: None,
+            linearized: Vec::new(),
             notes: Vec::new(),
         },
         args,
@@ -1623,6 +1746,10 @@ fn main() -> Result<()> {
     if has("epoch") {
         wait_for_quiet(bench.args.max_load);
         bench.epoch()?;
+    }
+    if has("linearized") {
+        wait_for_quiet(bench.args.max_load);
+        bench.linearized()?;
     }
     bench
         .report

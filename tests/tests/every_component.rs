@@ -101,6 +101,15 @@ fn keys(role: Role, name: &str) -> String {
         (Role::Pruner, _) => "sparsity = 0.5\nat_step = 2\n".into(),
         (Role::Distiller, "kd") | (Role::Metric, "agreement") => teacher(),
         (Role::Metric, "adversarial_transfer") => format!("{}max_images = 16\n", teacher()),
+        // The teacher doubles as the independent student: resumption is checked, not the value.
+        (Role::Metric, "localization") => format!(
+            "{}independent = {{ arch = \"resnet18\", width = 0.0625 }}\n\
+             independent_checkpoint = \"{}\"\nmax_images = 16\n",
+            teacher(),
+            crate::teacher().display()
+        ),
+        (Role::Metric, "ntk_alignment") => "samples = 32\n".into(),
+        (Role::Model, "linearized") => "base = { arch = \"resnet18\", width = 0.0625 }\n".into(),
         (Role::Callback, "ema") => "decay = 0.9\n".into(),
         _ => String::new(),
     }
@@ -142,10 +151,31 @@ fn config(manifest: &Path, role: Role, name: &str) -> String {
             format!("[[callbacks]]\n{table}"),
         ),
     };
-    format!(
+    let config = format!(
         "plugins = \"{}\"\n{BASE}{model}\n{optimizer}\n{METRICS}\n{extra}",
         manifest.display()
-    )
+    );
+    if matches!((role, name), (Role::Metric, "ntk_alignment")) {
+        single_logit(config)
+    } else {
+        config
+    }
+}
+
+/// The config as a two-class run with one logit and binary cross-entropy, which the NTK–label
+/// alignment needs. Each key goes under the header the config already has: TOML takes no second
+/// `[data]` or `[train]`.
+fn single_logit(config: String) -> String {
+    [
+        ("[data]\n", "cifar2 = true\n"),
+        ("[model]\n", "outputs = 1\n"),
+        ("[train]\n", "loss = \"bce\"\n"),
+    ]
+    .into_iter()
+    .fold(config, |config, (header, key)| {
+        assert!(config.contains(header), "no {header:?} in {config}");
+        config.replacen(header, &format!("{header}{key}"), 1)
+    })
 }
 
 fn tensors(path: &Path) -> Vec<(String, Tensor)> {
