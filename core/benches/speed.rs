@@ -1204,16 +1204,19 @@ impl Bench {
         );
         self.report.dispatch = Some(row);
         self.call_overhead(&data)?;
-        self.event_overhead(&data)?;
+        self.event_overhead()?;
         Ok(())
     }
 
     /// What callback events cost: a callback that asks for every step event and does nothing
     /// (the fixture `noop`), called as the trainer calls it, through the dylib, against the
     /// median training step at width 16 measured in the same run.
-    fn event_overhead(&mut self, data: &Rc<Dataset>) -> Result<()> {
+    fn event_overhead(&mut self) -> Result<()> {
         const EVENTS_PER_STEP: u64 = 5;
         let steps = self.sizes(1_000, 20_000);
+        let timed_steps = self.sizes(4, 20);
+        // The timed steps and one more batch for the events.
+        let data = &Rc::new(random_dataset((timed_steps + 1) * BATCH, 7)?);
         let mut run = Run::new(
             resnet18(WIDTH_16, 0)?,
             data,
@@ -1227,7 +1230,7 @@ impl Bench {
             .into_callback()
             .ok_or_else(|| anyhow!("noop is not a callback"))?;
         let events = callback.events();
-        let step_times = run.timed_steps(self.sizes(4, 20))?;
+        let step_times = run.timed_steps(timed_steps)?;
         let batch = run.loader.next().ok_or_else(|| anyhow!("no batch"))?;
         let mut batch = Batch {
             inputs: batch.inputs,
