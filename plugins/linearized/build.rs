@@ -6,12 +6,14 @@ use std::path::PathBuf;
 fn main() {
     println!("cargo:rerun-if-changed=csrc/forward_ad.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
-    let libtorch = std::env::var_os("LIBTORCH").map(PathBuf::from).unwrap_or_else(|| {
-        panic!(
-            "LIBTORCH is not set: run ./scripts/setup.sh, which installs libtorch and points \
+    let libtorch = std::env::var_os("LIBTORCH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            panic!(
+                "LIBTORCH is not set: run ./scripts/setup.sh, which installs libtorch and points \
              .cargo/config.toml at it"
-        )
-    });
+            )
+        });
     let include = libtorch.join("include");
     if !include.join("torch/csrc/autograd/forward_grad.h").exists() {
         panic!(
