@@ -268,18 +268,20 @@ mod tests {
 
     use super::*;
 
-    const SEED: i64 = 7;
+    /// Deterministic values without libtorch's generator, which tests running in parallel share.
+    fn wave(shape: &[i64], phase: f64, kind: Kind) -> Tensor {
+        let n: i64 = shape.iter().product();
+        (Tensor::arange(n, (Kind::Double, Device::Cpu)) * 0.731 + phase)
+            .sin()
+            .view(shape)
+            .to_kind(kind)
+    }
 
-    /// A linearised TinyNet (single logit) and, built from the same seed, an untouched copy of
-    /// its base to compare against.
+    /// A linearised TinyNet (single logit) and an untouched copy of its base, with the same
+    /// weights, to compare against.
     fn linearized(jvp: Jvp, double: bool) -> (Linearized, TinyNet) {
-        tch::manual_seed(SEED);
-        let reference = TinyNet::new(3, 1);
         let host = FakeHost::without_model()
-            .build_model(|_, _| {
-                tch::manual_seed(SEED);
-                Ok(Model::new(TinyNet::new(3, 1)))
-            })
+            .build_model(|_, _| Ok(Model::new(TinyNet::new(3, 1))))
             .host();
         let config = LinearizedConfig {
             base: toml::from_str("arch = \"tiny\"").unwrap(),
@@ -287,6 +289,23 @@ mod tests {
             ..LinearizedConfig::default()
         };
         let model = Linearized::new(config, host).unwrap();
+        let reference = TinyNet::new(3, 1);
+        // The same weights everywhere: θ0, θ = θ0, and the reference.
+        tch::no_grad(|| {
+            let theirs = reference.parameters().unwrap().into_iter();
+            for (i, ((theta0, theta), theirs)) in model
+                .theta0
+                .iter()
+                .zip(&model.theta)
+                .zip(theirs)
+                .enumerate()
+            {
+                let weights = wave(&theta0.tensor.size(), 10.0 + i as f64, Kind::Float) * 0.5;
+                for t in [&theta0.tensor, &theta.tensor, &theirs.tensor] {
+                    t.shallow_clone().copy_(&weights);
+                }
+            }
+        });
         if double {
             model.set_double(true).unwrap();
             reference.set_double(true).unwrap();
@@ -295,16 +314,14 @@ mod tests {
     }
 
     fn inputs(kind: Kind) -> Tensor {
-        tch::manual_seed(1);
-        Tensor::randn([5, 3, 6, 6], (kind, Device::Cpu))
+        wave(&[5, 3, 6, 6], 0.3, kind)
     }
 
-    /// Moves θ by `scale`·δ for a fixed random δ.
+    /// Moves θ by `scale`·δ for a fixed δ.
     fn step(model: &Linearized, scale: f64) {
-        tch::manual_seed(2);
         tch::no_grad(|| {
-            for p in &model.theta {
-                let direction = p.tensor.randn_like() * 0.1;
+            for (i, p) in model.theta.iter().enumerate() {
+                let direction = wave(&p.tensor.size(), i as f64, p.tensor.kind()) * 0.1;
                 let _ = p.tensor.shallow_clone().g_add_(&(direction * scale));
             }
         });
