@@ -159,3 +159,43 @@ pub fn setup(config: &str) -> (tempfile::TempDir, PathBuf) {
     std::fs::write(&path, config).unwrap();
     (dir, path)
 }
+
+/// Every file under `dir` (recursively) with its bytes: compare two snapshots to assert that a
+/// refused command left a run directory exactly as it was.
+pub fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut files = std::collections::BTreeMap::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if let Ok(bytes) = std::fs::read(&path) {
+                files.insert(path.strip_prefix(dir).unwrap().to_path_buf(), bytes);
+            }
+        }
+    }
+    files
+}
+
+/// Runs `trellis` with `args` in `dir` and asserts a clean, non-crashing refusal (exit 1) whose
+/// message contains `phrase` and that left `untouched` byte for byte as it was; returns stderr.
+pub fn assert_refused(dir: &Path, args: &[&str], phrase: &str, untouched: &Path) -> String {
+    let before = snapshot(untouched);
+    let err = assert_error(&trellis(dir, args));
+    assert!(
+        err.contains(phrase),
+        "`trellis {}`: expected {phrase:?} in:\n{err}",
+        args.join(" ")
+    );
+    assert!(
+        snapshot(untouched) == before,
+        "`trellis {}` changed {}",
+        args.join(" "),
+        untouched.display()
+    );
+    err
+}
