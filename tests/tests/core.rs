@@ -456,7 +456,7 @@ fn plugins_command_lists_and_inspects() {
         "accuracy",
         "ece",
         "momentum = 0.9",
-        "top_k = [1, 5]",
+        "bins = 15",
     ] {
         assert!(text.contains(expected), "{expected} missing from:\n{text}");
     }
