@@ -7,6 +7,7 @@
 
 mod library;
 mod logging;
+mod verify;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,7 +23,7 @@ use trellis_sdk::{
     Role, SchedulePoint, Scheduler, State, StepControl, StepInfo,
 };
 
-pub use library::{open, sha256_of, ComponentInfo, Library, PluginInfo};
+pub use library::{open, sha256_of, ComponentInfo, Library, PluginFile, PluginInfo};
 
 use crate::source::SourceFile;
 
@@ -61,23 +62,25 @@ impl Registry {
         };
         for entry in &parsed.plugin {
             let path = file.dir().join(entry.path.get_ref());
-            let library = open(&path).map_err(|e| {
-                let message = format!("{e:#}");
-                file.error_at(entry.path.span(), &message, None)
-            })?;
+            let at_path =
+                |e: anyhow::Error| file.error_at(entry.path.span(), &format!("{e:#}"), None);
+            // The pin is compared on the bytes read, before anything is loaded; what is loaded
+            // afterwards is exactly these bytes (`PluginFile::load`).
+            let plugin = PluginFile::read(&path).map_err(at_path)?;
             if let Some(pin) = &entry.sha256 {
-                if !pin.get_ref().eq_ignore_ascii_case(&library.sha256) {
+                if !pin.get_ref().eq_ignore_ascii_case(plugin.sha256()) {
                     return Err(file.error_at(
                         pin.span(),
                         &format!(
                             "plugin {} does not match its sha256 pin: the file's sha256 is {}",
                             path.display(),
-                            library.sha256
+                            plugin.sha256()
                         ),
                         Some("the file changed since it was pinned; rebuild the intended version or update the pin"),
                     ));
                 }
             }
+            let library = plugin.load().map_err(at_path)?;
             if library.info.name != *entry.name.get_ref() {
                 return Err(file.error_at(
                     entry.name.span(),
