@@ -67,7 +67,9 @@ pub struct TrainConfig {
     pub eval_every: usize,
     /// Drop the last incomplete training batch.
     pub drop_last: bool,
-    /// CPU threads for libtorch; 0 keeps libtorch's default (one per core).
+    /// CPU threads for libtorch; 0 (the default) takes libtorch's default, one per core, and
+    /// [`LoadedConfig::load`] replaces it with that number, so that the resolved config in a run
+    /// directory records the threads the run used (their number can change its float sums).
     pub threads: usize,
     /// Save a checkpoint every N epochs (and always after the last).
     pub checkpoint_every: usize,
@@ -257,11 +259,19 @@ impl LoadedConfig {
         // Syntax errors are reported against the file as written.
         let mut doc: toml_edit::DocumentMut =
             original.text.parse().map_err(|e: toml_edit::TomlError| {
+                // `[metrics]` written twice for `[[metrics]]` is a duplicate key to TOML.
+                if let Some(e) = bracket_error(&original, None) {
+                    return e;
+                }
                 let span = e.span().unwrap_or(0..0);
-                original.error_at(span, e.message().trim(), None)
+                let message = crate::source::plain_words(e.message().trim());
+                original.error_at(span, &message, None)
             })?;
         for o in overrides {
             apply_override(&mut doc, o)?;
+        }
+        if let Some(e) = bracket_error(&original, Some(&doc)) {
+            return Err(e);
         }
         let source = SourceFile {
             path: original.path.clone(),
@@ -271,7 +281,7 @@ impl LoadedConfig {
                 doc.to_string()
             },
         };
-        let config: RunConfig = source.parse().map_err(|e| {
+        let mut config: RunConfig = source.parse().map_err(|e| {
             if overrides.is_empty() {
                 e
             } else {
@@ -281,6 +291,9 @@ impl LoadedConfig {
                 ))
             }
         })?;
+        if config.train.threads == 0 {
+            config.train.threads = default_threads();
+        }
         let loaded = LoadedConfig {
             config,
             source,
@@ -371,6 +384,7 @@ impl LoadedConfig {
             ));
         }
         if let ModelSpec::Builtin(model) = &c.model {
+            self.check_model_fits(model)?;
             let single_logit = model.outputs == Some(1);
             if single_logit != (c.train.loss == Loss::Bce) {
                 let (path, message, help) = if single_logit {
@@ -400,6 +414,28 @@ impl LoadedConfig {
             self.validate_pruner(p)?;
         }
         Ok(())
+    }
+
+    /// Refuses, before anything is read or created, a built-in model the machine cannot train
+    /// (`model.width = 64` is 46 billion parameters for resnet18).
+    fn check_model_fits(&self, model: &crate::models::ModelConfig) -> Result<()> {
+        let (classes, channels, side) = self.config.data.shape();
+        let device = match self.config.train.device {
+            DeviceChoice::Cpu => tch::Device::Cpu,
+            DeviceChoice::Cuda => tch::Device::Cuda(0),
+            DeviceChoice::Auto => tch::Device::cuda_if_available(),
+        };
+        let purpose = crate::models::Purpose::Train;
+        crate::models::check_fits(model, classes, channels, side, device, purpose).map_err(|e| {
+            match e.downcast_ref::<crate::models::DoesNotFit>() {
+                Some(refusal) => self.error_at(
+                    &self.key_or_table(&[Seg::Key("model"), Seg::Key("width")]),
+                    &refusal.message,
+                    Some(&refusal.help),
+                ),
+                None => e,
+            }
+        })
     }
 
     fn validate_pruner(&self, p: &PrunerConfig) -> Result<()> {
@@ -539,7 +575,7 @@ impl LoadedConfig {
                     .source
                     .key_span(&path)
                     .or_else(|| self.source.key_span(&table.segs()));
-                let message = component_error.to_string();
+                let message = crate::source::plain_words(&component_error.to_string());
                 match span {
                     Some(span) => self.source.error_at(
                         span,
@@ -610,6 +646,82 @@ impl PrunerConfig {
     }
 }
 
+/// libtorch's number of CPU threads when the config leaves it to libtorch.
+fn default_threads() -> usize {
+    usize::try_from(tch::get_num_threads()).unwrap_or(1).max(1)
+}
+
+/// The keys that hold a list of tables, with what one entry is called.
+const LISTS: [(&str, &str); 3] = [
+    ("metrics", "metric"),
+    ("callbacks", "callback"),
+    ("distillers", "distiller"),
+];
+
+/// The keys that hold one table.
+const TABLES: [&str; 7] = [
+    "model",
+    "data",
+    "train",
+    "optimizer",
+    "schedule",
+    "scheduler",
+    "pruner",
+];
+
+/// `[metrics]` where `[[metrics]]` is meant (and `[[model]]` for `[model]`): TOML's own words
+/// for it are "duplicate key" or serde's "invalid type: map, expected a sequence". With `doc`,
+/// looks at what each key holds; without (the text did not parse), at the headers alone.
+fn bracket_error(
+    source: &SourceFile,
+    doc: Option<&toml_edit::DocumentMut>,
+) -> Option<anyhow::Error> {
+    let at = |name: &str, double: bool| {
+        source
+            .header_span(name, double)
+            .or_else(|| source.key_span(&[Seg::Key(name)]))
+    };
+    let error = |span: Option<std::ops::Range<usize>>, message: &str, help: &str| match span {
+        Some(span) => source.error_at(span, message, Some(help)),
+        None => source.error(&format!("{message}\n  help: {help}")),
+    };
+    for (key, one) in LISTS {
+        let single = match doc {
+            Some(doc) => match doc.get(key) {
+                Some(toml_edit::Item::Table(_)) => true,
+                Some(toml_edit::Item::Value(v)) => v.is_inline_table(),
+                _ => false,
+            },
+            None => source.header_span(key, false).is_some(),
+        };
+        if single {
+            return Some(error(
+                at(key, false),
+                &format!("`{key}` is a list of tables, but this is a single table"),
+                &format!("write [[{key}]] (two brackets): each {one} is its own table"),
+            ));
+        }
+    }
+    for key in TABLES {
+        let list = match doc {
+            Some(doc) => match doc.get(key) {
+                Some(toml_edit::Item::ArrayOfTables(_)) => true,
+                Some(toml_edit::Item::Value(v)) => v.is_array(),
+                _ => false,
+            },
+            None => source.header_span(key, true).is_some(),
+        };
+        if list {
+            return Some(error(
+                at(key, true),
+                &format!("`{key}` is a single table, but this is a list of tables"),
+                &format!("write [{key}] (one bracket): a run has one {key} table"),
+            ));
+        }
+    }
+    None
+}
+
 /// Applies one `--set key.path=value`. The value is read as TOML (`0.1`, `true`, `"sgd"`,
 /// `[1, 2]`); anything that does not parse as TOML is taken as a string.
 pub fn apply_override(doc: &mut toml_edit::DocumentMut, assignment: &str) -> Result<()> {
@@ -642,9 +754,11 @@ pub fn apply_override(doc: &mut toml_edit::DocumentMut, assignment: &str) -> Res
                     );
                 };
                 let len = array.len();
+                let entries = if len == 1 { "entry" } else { "entries" };
                 array.get_mut(index).ok_or_else(|| {
                     anyhow::anyhow!(
-                        "--set {assignment}: `{k}` has {len} entries, there is no `{k}.{index}`"
+                        "--set {assignment}: `{k}` has {len} {entries}, there is no `{k}.{index}` \
+                         (they count from 0)"
                     )
                 })?
             }
@@ -740,6 +854,108 @@ momentum = 0.9
     fn wrong_type_names_its_line_and_column() {
         let e = err(&BASE.replace("epochs = 2", "epochs = \"two\""), &[]);
         assert!(e.contains("run.toml:6:10"), "{e}");
+    }
+
+    #[test]
+    fn threads_left_to_libtorch_are_recorded_as_the_number_used() {
+        let (_dir, path) = write(BASE);
+        let c = LoadedConfig::load(&path, &[]).unwrap();
+        assert_eq!(c.config.train.threads, default_threads());
+        assert!(c.config.train.threads >= 1);
+        let text = toml::to_string(&c.config).unwrap();
+        assert!(
+            text.contains(&format!("threads = {}", default_threads())),
+            "{text}"
+        );
+        let c = LoadedConfig::load(&path, &["train.threads=0".into()]).unwrap();
+        assert_eq!(c.config.train.threads, default_threads());
+        let c = LoadedConfig::load(&path, &["train.threads=3".into()]).unwrap();
+        assert_eq!(c.config.train.threads, 3);
+    }
+
+    #[test]
+    fn one_bracket_for_a_list_and_two_for_a_table_are_explained() {
+        let single = format!("{BASE}\n[metrics]\nuse = \"accuracy\"\n");
+        let e = err(&single, &[]);
+        assert!(
+            e.contains("write [[metrics]] (two brackets): each metric is its own table")
+                && e.contains("run.toml:13:1"),
+            "{e}"
+        );
+        // Twice is a duplicate key to TOML.
+        let e = err(&format!("{single}\n[metrics]\nuse = \"loss\"\n"), &[]);
+        assert!(
+            e.contains("write [[metrics]] (two brackets)") && !e.contains("duplicate key"),
+            "{e}"
+        );
+        let e = err(&format!("callbacks = {{ use = \"ema\" }}\n{BASE}"), &[]);
+        assert!(
+            e.contains("write [[callbacks]] (two brackets): each callback"),
+            "{e}"
+        );
+        let e = err(&format!("{BASE}\n[ distillers ] # kd\nuse = \"kd\"\n"), &[]);
+        assert!(
+            e.contains("each distiller is its own table") && e.contains(":13:1"),
+            "{e}"
+        );
+        let e = err(&BASE.replace("[optimizer]", "[[optimizer]]"), &[]);
+        assert!(
+            e.contains("write [optimizer] (one bracket)") && e.contains("run.toml:8:1"),
+            "{e}"
+        );
+        let e = err(BASE, &["metrics.use=accuracy"]);
+        assert!(e.contains("write [[metrics]] (two brackets)"), "{e}");
+        // Written right, nothing is said.
+        let (_d, path) = write(&format!(
+            "{BASE}\n[[metrics]]\nuse = \"a\"\n[metrics.sub]\nk = 1\n"
+        ));
+        assert!(LoadedConfig::load(&path, &[]).is_ok());
+    }
+
+    #[test]
+    fn serde_words_become_toml_words() {
+        for (value, expected) in [
+            ("epochs = -1", "expected a whole number ≥ 0"),
+            ("epochs = 1.5", "expected a whole number ≥ 0"),
+            ("seed = -2", "expected a whole number ≥ 0"),
+            ("drop_last = 1", "expected true or false"),
+            ("epochs = 99999999999999999999", "the number is too large"),
+        ] {
+            let e = err(&BASE.replace("epochs = 2", value), &[]);
+            assert!(e.contains(expected), "{value}: {e}");
+            for rust in ["usize", "u64", "integer number overflowed", "a boolean"] {
+                assert!(!e.contains(rust), "{value}: {e}");
+            }
+        }
+        let e = err(&BASE.replace("lr = 0.1", "lr = \"fast\""), &[]);
+        assert!(e.contains("expected a number") && !e.contains("f64"), "{e}");
+        assert_eq!(
+            crate::source::plain_words("invalid type: map, expected struct TrainConfig; u8x"),
+            "invalid type: table, expected a table; u8x"
+        );
+        assert_eq!(
+            crate::source::plain_words("expected u8, expected u8x, expected a sequence"),
+            "expected a whole number ≥ 0, expected u8x, expected a list"
+        );
+    }
+
+    #[test]
+    fn a_model_the_machine_cannot_train_is_refused_at_its_width() {
+        let e = err(
+            &BASE.replace("arch = \"mlp\"", "arch = \"resnet18\"\nwidth = 1000"),
+            &[],
+        );
+        assert!(
+            e.contains("model.width = 1000 makes resnet18 a model of")
+                && e.contains("run.toml:4:9")
+                && e.contains("help: lower model.width"),
+            "{e}"
+        );
+        let e = err(BASE, &["model.hidden=[100000000000]"]);
+        assert!(
+            e.contains("makes mlp a model of") && e.contains("run.toml:3"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -32,7 +32,8 @@ enum Command {
         /// Use this plugin manifest instead of the config's `plugins`.
         #[arg(long)]
         manifest: Option<PathBuf>,
-        /// Continue the run in --out from its last checkpoint.
+        /// Continue the run in --out: from its last checkpoint, or from the start if it has
+        /// none yet. Its state.json says which.
         #[arg(long, requires = "out")]
         resume: bool,
         /// Stop after this many epochs (with a checkpoint), to continue later with --resume.
@@ -213,9 +214,16 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+        // SIGINT or SIGTERM: not an error; the message says how the run goes on.
+        Err(e) => match e.downcast_ref::<commands::run::RunInterrupted>() {
+            Some(interrupted) => {
+                eprintln!("{interrupted}");
+                ExitCode::from(commands::run::INTERRUPTED_EXIT)
+            }
+            None => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }

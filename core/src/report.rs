@@ -7,7 +7,8 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::style::ProgressTracker;
+use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use trellis_sdk::Table;
 
@@ -57,50 +58,157 @@ pub fn table_map(tables: &[Table]) -> BTreeMap<String, BTreeMap<String, BTreeMap
         .collect()
 }
 
-/// `metrics.jsonl`, appended and flushed once per epoch so a crash loses nothing written.
+/// `metrics.jsonl`: one line appended and synced per epoch, so a crash loses nothing written.
+/// Lines are only ever appended. A resumed run cuts the file back to the length it had when its
+/// checkpoint was written ([`LogMark`]): the lines of earlier epochs stay byte for byte as first
+/// written, never parsed and written again (which could move a float by an ulp).
 pub struct MetricsLog {
     path: PathBuf,
+    /// The bytes written so far: their number and running sha256.
+    len: u64,
+    hasher: sha2::Sha256,
+}
+
+/// How far `metrics.jsonl` went when a checkpoint was written: its length and the sha256 of
+/// those bytes, recorded with the checkpoint in the run directory's `state.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogMark {
+    pub bytes: u64,
+    pub sha256: String,
 }
 
 impl MetricsLog {
-    /// Opens the log, keeping only records up to `keep_epochs` (a resumed run rewrites the
-    /// epochs after its checkpoint).
-    pub fn open(run_dir: &Path, keep_epochs: usize) -> Result<(MetricsLog, Vec<EpochRecord>)> {
-        let path = run_dir.join("metrics.jsonl");
-        let mut kept = Vec::new();
-        if keep_epochs > 0 {
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
-            for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                if let Ok(r) = serde_json::from_str::<EpochRecord>(line) {
-                    if r.epoch <= keep_epochs {
-                        kept.push(r);
-                    }
-                }
-            }
-        }
-        let mut text = String::new();
-        for r in &kept {
-            text.push_str(&serde_json::to_string(r)?);
-            text.push('\n');
-        }
-        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
-        Ok((MetricsLog { path }, kept))
+    fn path(run_dir: &Path) -> PathBuf {
+        run_dir.join("metrics.jsonl")
     }
 
-    pub fn append(&self, record: &EpochRecord) -> Result<()> {
+    /// Starts an empty log: a new run, or one started over.
+    pub fn create(run_dir: &Path) -> Result<MetricsLog> {
+        let path = Self::path(run_dir);
+        std::fs::File::create(&path)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(MetricsLog {
+            path,
+            len: 0,
+            hasher: Default::default(),
+        })
+    }
+
+    /// The first `mark.bytes` bytes of the log in `run_dir`, checked against `mark`; reads only.
+    fn prefix(run_dir: &Path, mark: &LogMark) -> Result<(PathBuf, Vec<u8>)> {
+        use sha2::Digest as _;
+        let path = Self::path(run_dir);
+        let mut bytes =
+            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        if (bytes.len() as u64) < mark.bytes {
+            anyhow::bail!(
+                "{} is shorter ({} bytes) than when the run's checkpoint was written ({} bytes)\n  \
+                 help: it was cut or edited; restore it from a copy, or start the run over in another --out",
+                path.display(),
+                bytes.len(),
+                mark.bytes
+            );
+        }
+        bytes.truncate(mark.bytes as usize);
+        if format!("{:x}", sha2::Sha256::digest(&bytes)) != mark.sha256 {
+            anyhow::bail!(
+                "{}: its first {} bytes are not those written before the run's checkpoint (edited?)\n  \
+                 help: restore it from a copy, or start the run over in another --out",
+                path.display(),
+                mark.bytes
+            );
+        }
+        Ok((path, bytes))
+    }
+
+    /// The records of the log in `run_dir` up to `mark`, after checking that those bytes are
+    /// the ones written; changes nothing.
+    pub fn read_to(run_dir: &Path, mark: &LogMark) -> Result<Vec<EpochRecord>> {
+        let (path, bytes) = Self::prefix(run_dir, mark)?;
+        let text = String::from_utf8_lossy(&bytes);
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .enumerate()
+            .map(|(i, line)| {
+                serde_json::from_str(line)
+                    .with_context(|| format!("{}:{}: not a metrics record", path.display(), i + 1))
+            })
+            .collect()
+    }
+
+    /// Continues the log of a run resumed from a checkpoint taken at `mark`: the lines written
+    /// after it (by epochs that checkpoint does not cover) are cut off, those before untouched.
+    pub fn resume(run_dir: &Path, mark: &LogMark) -> Result<MetricsLog> {
+        use sha2::Digest as _;
+        let (path, bytes) = Self::prefix(run_dir, mark)?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|f| {
+                f.set_len(mark.bytes)?;
+                f.sync_all()
+            })
+            .with_context(|| {
+                format!("cannot cut {} back to {} bytes", path.display(), mark.bytes)
+            })?;
+        let mut hasher = sha2::Sha256::default();
+        hasher.update(&bytes);
+        Ok(MetricsLog {
+            path,
+            len: mark.bytes,
+            hasher,
+        })
+    }
+
+    /// Appends one record as a line and syncs it to the disk.
+    pub fn append(&mut self, record: &EpochRecord) -> Result<()> {
+        use sha2::Digest as _;
+        let mut line = serde_json::to_string(record)?;
+        line.push('\n');
         let mut f = std::fs::OpenOptions::new()
             .append(true)
             .open(&self.path)
             .with_context(|| format!("cannot append to {}", self.path.display()))?;
-        writeln!(f, "{}", serde_json::to_string(record)?)?;
-        f.sync_data().ok();
+        f.write_all(line.as_bytes())
+            .and_then(|()| f.sync_data())
+            .with_context(|| format!("cannot append to {}", self.path.display()))?;
+        self.len += line.len() as u64;
+        self.hasher.update(line.as_bytes());
         Ok(())
+    }
+
+    /// Where the log is now, for a checkpoint to record.
+    pub fn mark(&self) -> LogMark {
+        use sha2::Digest as _;
+        LogMark {
+            bytes: self.len,
+            sha256: format!("{:x}", self.hasher.clone().finalize()),
+        }
     }
 }
 
-/// Per-step progress: a bar on a terminal, nothing between epoch lines otherwise.
+/// Per-step progress: a bar on a terminal, nothing between epoch lines otherwise. Training shows
+/// steps, their rate and the running loss; evaluation shows its batches.
 pub struct Progress {
     bar: Option<ProgressBar>,
+}
+
+/// A rate with its unit: "4.2 steps/s", or "2.5 s/step" when slower than one a second.
+fn rate_text(per_sec: f64, one: &str, many: &str) -> String {
+    if !per_sec.is_finite() || per_sec <= 0.0 {
+        format!("- {many}/s")
+    } else if per_sec >= 1.0 {
+        format!("{per_sec:.1} {many}/s")
+    } else {
+        format!("{:.1} s/{one}", 1.0 / per_sec)
+    }
+}
+
+fn rate(one: &'static str, many: &'static str) -> impl ProgressTracker {
+    move |state: &ProgressState, w: &mut dyn std::fmt::Write| {
+        let _ = w.write_str(&rate_text(state.per_sec(), one, many));
+    }
 }
 
 impl Progress {
@@ -110,19 +218,52 @@ impl Progress {
         }
     }
 
-    pub fn start_epoch(&mut self, epoch: usize, epochs: usize, steps: u64) {
+    /// Whether anything is shown (on a terminal and not `--quiet`).
+    pub fn is_shown(&self) -> bool {
+        self.bar.is_some()
+    }
+
+    fn replace(
+        &mut self,
+        len: u64,
+        template: &str,
+        key: &'static str,
+        unit: (&'static str, &'static str),
+    ) {
         if let Some(bar) = &mut self.bar {
-            let new = ProgressBar::new(steps);
+            let new = ProgressBar::new(len);
             new.set_style(
-                ProgressStyle::with_template(
-                    "epoch {prefix} [{bar:30}] {pos}/{len} steps, {per_sec}, eta {eta} {msg}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
+                ProgressStyle::with_template(template)
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .with_key(key, rate(unit.0, unit.1))
+                    .progress_chars("=> "),
             );
-            new.set_prefix(format!("{epoch}/{epochs}"));
+            bar.finish_and_clear();
             *bar = new;
         }
+    }
+
+    pub fn start_epoch(&mut self, epoch: usize, epochs: usize, steps: u64) {
+        self.replace(
+            steps,
+            "epoch {prefix} [{bar:20}] {pos}/{len} steps, {rate}, eta {eta} {msg}",
+            "rate",
+            ("step", "steps"),
+        );
+        if let Some(bar) = &self.bar {
+            bar.set_prefix(format!("{epoch}/{epochs}"));
+        }
+    }
+
+    /// A bar for an evaluation of `batches` test batches; [`step`](Self::step) per batch,
+    /// [`finish_epoch`](Self::finish_epoch) at the end.
+    pub fn start_evaluation(&mut self, batches: u64) {
+        self.replace(
+            batches,
+            "evaluating [{bar:20}] {pos}/{len} batches, {rate}, eta {eta}",
+            "rate",
+            ("batch", "batches"),
+        );
     }
 
     pub fn step(&self) {
@@ -141,6 +282,26 @@ impl Progress {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod progress_tests {
+    use super::*;
+
+    #[test]
+    fn rates_carry_their_unit() {
+        assert_eq!(rate_text(4.21, "step", "steps"), "4.2 steps/s");
+        assert_eq!(rate_text(0.4, "step", "steps"), "2.5 s/step");
+        assert_eq!(rate_text(0.0, "batch", "batches"), "- batches/s");
+        assert_eq!(rate_text(f64::NAN, "batch", "batches"), "- batches/s");
+        // Off a terminal nothing is shown, and every call is a no-op.
+        let mut p = Progress::new(true);
+        assert!(!p.is_shown() || std::io::stderr().is_terminal());
+        p.start_evaluation(3);
+        p.step();
+        p.finish_epoch();
+        assert!(!Progress::new(false).is_shown());
     }
 }
 
@@ -223,19 +384,56 @@ mod tests {
     }
 
     #[test]
-    fn log_keeps_only_epochs_before_a_resume_point() {
+    fn a_resumed_log_keeps_earlier_lines_byte_for_byte() {
         let dir = tempfile::tempdir().unwrap();
-        let (log, _) = MetricsLog::open(dir.path(), 0).unwrap();
+        let mut log = MetricsLog::create(dir.path()).unwrap();
+        let record = |epoch: usize| EpochRecord {
+            epoch,
+            train_loss: 0.1 + epoch as f64 / 3.0,
+            ..Default::default()
+        };
+        let mut marks = Vec::new();
         for epoch in 1..=3 {
-            log.append(&EpochRecord {
-                epoch,
-                ..Default::default()
-            })
-            .unwrap();
+            log.append(&record(epoch)).unwrap();
+            marks.push(log.mark());
         }
-        let (_, kept) = MetricsLog::open(dir.path(), 2).unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        let written = std::fs::read(&path).unwrap();
+        let kept = MetricsLog::read_to(dir.path(), &marks[1]).unwrap();
         assert_eq!(kept.iter().map(|r| r.epoch).collect::<Vec<_>>(), vec![1, 2]);
-        let text = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
-        assert_eq!(text.lines().count(), 2);
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            written,
+            "read_to changed the log"
+        );
+
+        // Resumed after epoch 2: epoch 3's line goes, the others stay byte for byte, and the
+        // same record appended again gives the same file and mark.
+        let mut log = MetricsLog::resume(dir.path(), &marks[1]).unwrap();
+        assert_eq!(log.mark(), marks[1]);
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            written[..marks[1].bytes as usize]
+        );
+        log.append(&record(3)).unwrap();
+        assert_eq!(log.mark(), marks[2]);
+        assert_eq!(std::fs::read(&path).unwrap(), written);
+
+        // Edited or cut before the mark: refused, naming the file, and left alone.
+        let mut edited = written.clone();
+        edited[2] ^= 1;
+        std::fs::write(&path, &edited).unwrap();
+        let e = format!(
+            "{:#}",
+            MetricsLog::resume(dir.path(), &marks[1]).err().unwrap()
+        );
+        assert!(e.contains("metrics.jsonl") && e.contains("edited"), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), edited);
+        std::fs::write(&path, &written[..10]).unwrap();
+        let e = format!(
+            "{:#}",
+            MetricsLog::read_to(dir.path(), &marks[0]).unwrap_err()
+        );
+        assert!(e.contains("shorter"), "{e}");
     }
 }

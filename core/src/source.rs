@@ -94,12 +94,38 @@ impl SourceFile {
     }
 
     pub fn toml_error(&self, e: &toml::de::Error) -> anyhow::Error {
-        let message = e.message().trim();
-        let help = help_for(message);
+        let message = plain_words(e.message().trim());
+        let help = help_for(&message);
         match e.span() {
-            Some(span) => self.error_at(span, message, help),
-            None => self.error(message),
+            Some(span) => self.error_at(span, &message, help),
+            None => self.error(&message),
         }
+    }
+
+    /// The span of the header line `[name]` (or `[[name]]` when `double`), if the file has one.
+    pub fn header_span(&self, name: &str, double: bool) -> Option<Range<usize>> {
+        let mut offset = 0;
+        for line in self.text.split_inclusive('\n') {
+            let start = offset;
+            offset += line.len();
+            let trimmed = line.trim_start();
+            let indent = line.len() - trimmed.len();
+            let (open, close) = if double { ("[[", "]]") } else { ("[", "]") };
+            let Some(rest) = trimmed.strip_prefix(open) else {
+                continue;
+            };
+            if !double && rest.starts_with('[') {
+                continue;
+            }
+            let Some(end) = rest.find(close) else {
+                continue;
+            };
+            if rest[..end].trim() == name {
+                let len = open.len() + end + close.len();
+                return Some(start + indent..start + indent + len);
+            }
+        }
+        None
     }
 
     /// The span of the key at `path` (e.g. `optimizer.momentum`), if present in the file.
@@ -157,6 +183,70 @@ fn lookup<'a, 'i>(
     table.iter().find(|(k, _)| k.get_ref().as_ref() == key)
 }
 
+/// A serde message in the words of a TOML file: serde names Rust types ("expected usize",
+/// "a sequence", "struct TrainConfig"), which a config's author never wrote.
+pub fn plain_words(message: &str) -> String {
+    let mut text = message.to_string();
+    for (rust, plain) in [
+        ("usize", "a whole number ≥ 0"),
+        ("u64", "a whole number ≥ 0"),
+        ("u32", "a whole number ≥ 0"),
+        ("u16", "a whole number ≥ 0"),
+        ("u8", "a whole number ≥ 0"),
+        ("i64", "a whole number"),
+        ("i32", "a whole number"),
+        ("f64", "a number"),
+        ("f32", "a number"),
+        ("a sequence", "a list"),
+        ("a map", "a table"),
+        ("a boolean", "true or false"),
+    ] {
+        let from = format!("expected {rust}");
+        // Whole words only: `expected u8` but not `expected u8x`.
+        let mut out = String::new();
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find(&from) {
+            let end = at + from.len();
+            let whole = rest[end..]
+                .chars()
+                .next()
+                .is_none_or(|c| !c.is_alphanumeric() && c != '_');
+            out.push_str(&rest[..at]);
+            if whole {
+                out.push_str("expected ");
+                out.push_str(plain);
+            } else {
+                out.push_str(&from);
+            }
+            rest = &rest[end..];
+        }
+        out.push_str(rest);
+        text = out;
+    }
+    for (rust, plain) in [
+        ("invalid type: map", "invalid type: table"),
+        ("invalid type: sequence", "invalid type: list"),
+        ("integer number overflowed", "the number is too large"),
+    ] {
+        text = text.replace(rust, plain);
+    }
+    // `expected struct TrainConfig`, `expected enum Loss`: a Rust type's name.
+    for (kind, plain) in [
+        ("struct ", "a table"),
+        ("enum ", "one of the listed values"),
+    ] {
+        let from = format!("expected {kind}");
+        while let Some(at) = text.find(&from) {
+            let name_start = at + from.len();
+            let name_len = text[name_start..]
+                .find(|c: char| !c.is_alphanumeric() && c != '_')
+                .unwrap_or(text.len() - name_start);
+            text.replace_range(at..name_start + name_len, &format!("expected {plain}"));
+        }
+    }
+    text
+}
+
 fn help_for(message: &str) -> Option<&'static str> {
     if message.starts_with("unknown field") {
         Some("remove the key or fix its spelling; the expected keys are listed above")
@@ -164,6 +254,8 @@ fn help_for(message: &str) -> Option<&'static str> {
         Some("add the key to this table")
     } else if message.starts_with("invalid type") {
         Some("check the value's type: strings are quoted, numbers are not")
+    } else if message.contains("expected a whole number ≥ 0") {
+        Some("this key counts something, so it takes a whole number such as 0, 1 or 100")
     } else {
         None
     }

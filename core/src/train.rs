@@ -294,7 +294,24 @@ pub(crate) struct Trainer<'a> {
     pub(crate) pruning: Option<Pruning>,
     /// `trellis prune`: end the epoch as soon as the masks are in force.
     pub(crate) stop_when_pruned: bool,
+    /// Whether the last epoch's progress was shown, so evaluation shows its own.
+    show_progress: bool,
+    /// Set by SIGINT or SIGTERM (`trellis run`): the epoch ends with [`Interrupted`] before
+    /// its next step, the step under way finished.
+    pub(crate) interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
+
+/// The error [`Trainer::train_epoch`] ends with when [`Trainer::interrupt`] is set.
+#[derive(Debug)]
+pub(crate) struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted between two training steps")
+    }
+}
+
+impl std::error::Error for Interrupted {}
 
 impl Trainer<'_> {
     /// Prunes if the plan says so before training step `self.step`.
@@ -399,16 +416,27 @@ impl Trainer<'_> {
             _ => self.train_loader(epoch),
         };
         progress.start_epoch(epoch + 1, c.train.epochs, self.steps_per_epoch);
+        self.show_progress = progress.is_shown();
         let mut replace_task_loss = false;
         for d in &self.components.distillers {
             replace_task_loss |= d.replaces_task_loss().map_err(sdk_error)?;
         }
-        // Accumulated on the device and read once per log interval: no sync per step.
+        // Accumulated on the device and read once per log interval: no sync per step on a GPU;
+        // on the CPU reading it costs nothing, so the bar shows the loss after every step.
+        let check_every = match self.state.device {
+            Device::Cpu => 1,
+            _ => 50,
+        };
         let mut loss_sum = Tensor::zeros([], (Kind::Double, self.state.device));
         let mut samples = 0i64;
         let mut since_check = 0;
         let has_next_epoch = epoch + 1 < c.train.epochs && !self.stop_when_pruned;
         for (i, batch) in loader.by_ref().enumerate() {
+            let stop = self.interrupt.as_ref();
+            if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
+                progress.finish_epoch();
+                return Err(Interrupted.into());
+            }
             self.prune_if_due()?;
             if self.stop_when_pruned && self.masks().is_some() {
                 break;
@@ -452,7 +480,7 @@ impl Trainer<'_> {
             loss_sum += loss.to_kind(Kind::Double) * n as f64;
             progress.step();
             since_check += 1;
-            if since_check == 50 {
+            if since_check == check_every {
                 since_check = 0;
                 let mean = loss_sum.double_value(&[]) / samples as f64;
                 check_finite(mean, epoch, self.step)?;
@@ -625,6 +653,12 @@ impl Trainer<'_> {
                     normalize: self.state.normalize.clone(),
                 },
             );
+            let mut progress = Progress::new(self.show_progress);
+            progress.start_evaluation(Loader::batches_per_epoch(
+                test.len(),
+                c.train.eval_batch_size,
+                false,
+            ) as u64);
             for batch in loader {
                 let model = &self.model;
                 let (logits, features) = crate::models::autocast(c.train.autocast.kind(), || {
@@ -639,7 +673,9 @@ impl Trainer<'_> {
                 for (m, _) in metrics.filter(|(_, wants)| **wants) {
                     m.update(&batch, &outputs).map_err(sdk_error)?;
                 }
+                progress.step();
             }
+            progress.finish_epoch();
         }
         let mut scalars = BTreeMap::new();
         let mut tables = Vec::new();
@@ -937,6 +973,8 @@ pub(crate) fn prepare<'a>(
         next_loader: None,
         pruning,
         stop_when_pruned: false,
+        show_progress: false,
+        interrupt: None,
     };
     Ok(Prepared {
         trainer,

@@ -31,13 +31,59 @@ thread_local! {
 /// the plugin and component. Installed in each plugin (a dylib has its own copy of std's hook).
 pub fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
-        let message = panic_message(info.payload());
+        let message = without_backtrace(&panic_message(info.payload()));
         let text = match info.location() {
-            Some(at) => format!("{message} (at {}:{})", at.file(), at.line()),
+            Some(at) => format!("{message} (at {}:{})", short_path(at.file()), at.line()),
             None => message,
         };
         LAST_PANIC.with(|p| *p.borrow_mut() = Some(text));
     }));
+}
+
+/// A source path as a panic location shows it: a dependency's file relative to the registry
+/// (`tch-0.24.0/src/wrappers/tensor_generated.rs`), not under the builder's home directory.
+fn short_path(file: &str) -> &str {
+    match file.find("/registry/src/") {
+        Some(at) => {
+            let index = &file[at + "/registry/src/".len()..];
+            index.split_once('/').map_or(index, |(_, rest)| rest)
+        }
+        None => file,
+    }
+}
+
+/// A libtorch message without the C++ backtrace libtorch appends to it ("Exception raised from
+/// ... (most recent call first):" and some thirty "frame #N: ..." lines), which tells a user
+/// nothing. tch's panicking methods unwrap the error, so their panics read "called
+/// `Result::unwrap()` on an `Err` value: Torch(\"...\")", escaped; that becomes "libtorch: ...".
+pub fn without_backtrace(message: &str) -> String {
+    let mut text = message;
+    for marker in ["Exception raised from ", "frame #0: "] {
+        if let Some(at) = text.find(marker) {
+            text = &text[..at];
+        }
+    }
+    let mut text = text.trim_end();
+    while let Some(rest) = text.strip_suffix("\\n") {
+        text = rest.trim_end();
+    }
+    const UNWRAPPED: &str = "called `Result::unwrap()` on an `Err` value: Torch(\"";
+    if let Some(rest) = text.strip_prefix(UNWRAPPED) {
+        let rest = rest.strip_suffix("\")").unwrap_or(rest);
+        return format!(
+            "libtorch: {}",
+            rest.replace("\\n", "\n").replace("\\\"", "\"")
+        )
+        .trim_end()
+        .to_string();
+    }
+    if let Some(rest) = text.strip_prefix("Internal torch error: ") {
+        return format!("libtorch: {rest}");
+    }
+    if text.is_empty() {
+        return message.lines().next().unwrap_or_default().to_string();
+    }
+    text.to_string()
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
@@ -828,5 +874,48 @@ impl<S: HostServices> FfiHost for HostAdapter<S> {
             .run_dir()
             .map(|p: PathBuf| RString::from(p.to_string_lossy().into_owned()))
             .into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_backtrace;
+
+    const FRAMES: &str = "Exception raised from meta at /pytorch/aten/src/ATen/native/LinearAlgebra.cpp:191 \
+                          (most recent call first):\nframe #0: c10::Error::Error(c10::SourceLocation, \
+                          std::string) + 0x98 (0x7f in libc10.so)\nframe #1: <unknown function> + 0x1";
+
+    #[test]
+    fn libtorch_backtraces_are_trimmed() {
+        // A TchError's Display: real newlines.
+        let error = format!("Internal torch error: mat1 and mat2 shapes cannot be multiplied (2x10 and 3x7)\n{FRAMES}");
+        assert_eq!(
+            without_backtrace(&error),
+            "libtorch: mat1 and mat2 shapes cannot be multiplied (2x10 and 3x7)"
+        );
+        // tch's panicking methods: the error's Debug, newlines and quotes escaped.
+        let panic = format!(
+            "called `Result::unwrap()` on an `Err` value: Torch(\"size \\\"mismatch\\\"\\n{}\")",
+            FRAMES.replace('\n', "\\n")
+        );
+        assert_eq!(without_backtrace(&panic), "libtorch: size \"mismatch\"");
+        // Anything else is left alone.
+        assert_eq!(without_backtrace("boom in step"), "boom in step");
+        assert_eq!(
+            without_backtrace("called `Result::unwrap()` on an `Err` value: Torch(\"bad\")"),
+            "libtorch: bad"
+        );
+        assert!(!without_backtrace(FRAMES).is_empty());
+    }
+
+    #[test]
+    fn dependency_locations_are_shortened() {
+        assert_eq!(
+            super::short_path(
+                "/root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/tch-0.24.0/src/lib.rs"
+            ),
+            "tch-0.24.0/src/lib.rs"
+        );
+        assert_eq!(super::short_path("src/lib.rs"), "src/lib.rs");
     }
 }

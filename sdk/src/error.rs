@@ -70,8 +70,9 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {}
 
 impl From<tch::TchError> for Error {
+    /// The message without libtorch's C++ backtrace.
     fn from(e: tch::TchError) -> Self {
-        Error::msg(e)
+        Error::msg(crate::adapt::without_backtrace(&e.to_string()))
     }
 }
 
@@ -101,7 +102,8 @@ impl From<FfiError> for Error {
     fn from(e: FfiError) -> Self {
         Error {
             kind: e.kind,
-            message: e.message.into_string(),
+            // A plugin built with an older SDK may still quote libtorch's C++ backtrace.
+            message: crate::adapt::without_backtrace(e.message.as_str()),
             key: match e.key {
                 ROption::RSome(k) => Some(k.into_string()),
                 ROption::RNone => None,

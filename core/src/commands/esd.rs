@@ -4,13 +4,23 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Result};
 use tch::Device;
 use trellis_spectral::Fit;
 
 use crate::config::LoadedConfig;
 use crate::esd::{analyze_network, render, LayerReport};
-use crate::models::{Arch, ModelConfig, Network};
+use crate::models::{Arch, ModelConfig, Network, Purpose, WeightsMismatch};
+
+/// `error` with `help` after it when the file held another model's weights: then describing
+/// the right model is the fix; for a file that cannot be read it is not.
+fn with_help(error: anyhow::Error, help: impl FnOnce() -> String) -> anyhow::Error {
+    if error.downcast_ref::<WeightsMismatch>().is_some() {
+        anyhow!("{error:#}\n  help: {}", help())
+    } else {
+        error
+    }
+}
 
 /// Which network the weights belong to.
 #[derive(Debug, Clone)]
@@ -46,13 +56,15 @@ pub fn analyze_weights(opts: &EsdOptions) -> Result<Vec<LayerReport>> {
                 width: *width,
                 ..ModelConfig::new(*arch)
             };
-            let mut net = Network::build(&cfg, *classes, 3, 32, Device::Cpu)?;
-            net.load(&opts.weights).with_context(|| {
-                format!(
-                    "help: pass the --arch, --width and --classes of the run that saved {} (see its \
-                     config.toml), or --config with that config.toml",
-                    opts.weights.display()
-                )
+            let mut net = Network::build_for(&cfg, *classes, 3, 32, Device::Cpu, Purpose::Analyse)?;
+            net.load(&opts.weights).map_err(|e| {
+                with_help(e, || {
+                    format!(
+                        "pass the --arch, --width and --classes of the run that saved {} (see its \
+                         config.toml), or --config with that config.toml",
+                        opts.weights.display()
+                    )
+                })
             })?;
             analyze_network(&net, opts.fit)
         }
@@ -61,12 +73,14 @@ pub fn analyze_weights(opts: &EsdOptions) -> Result<Vec<LayerReport>> {
             // The diagnostics run on the CPU whatever device trained the model.
             cfg.config.train.device = crate::config::DeviceChoice::Cpu;
             let model = crate::train::build_run_model(&cfg, None)?;
-            model.net_mut().load(&opts.weights).with_context(|| {
-                format!(
-                    "help: {} does not describe the model that saved {}",
-                    config.display(),
-                    opts.weights.display()
-                )
+            model.net_mut().load(&opts.weights).map_err(|e| {
+                with_help(e, || {
+                    format!(
+                        "{} does not describe the model that saved {}",
+                        config.display(),
+                        opts.weights.display()
+                    )
+                })
             })?;
             let net = model.net();
             analyze_network(&net, opts.fit)
@@ -79,7 +93,12 @@ pub fn run(opts: &EsdOptions) -> Result<()> {
     let reports = analyze_weights(opts)?;
     let seconds = started.elapsed().as_secs_f64();
     print!("{}", render(&reports, opts.fit));
-    println!("{} layers analysed in {seconds:.3} s", reports.len());
+    let layers = if reports.len() == 1 {
+        "layer"
+    } else {
+        "layers"
+    };
+    println!("{} {layers} analysed in {seconds:.3} s", reports.len());
     Ok(())
 }
 

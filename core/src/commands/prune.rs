@@ -33,8 +33,7 @@ fn write(path: &Path, tensors: &[(String, Tensor)], what: &str) -> Result<()> {
         .iter()
         .map(|(n, t)| (n.clone(), t.detach().to_device(Device::Cpu).contiguous()))
         .collect();
-    Tensor::write_safetensors(&cpu, path)
-        .with_context(|| format!("cannot write the {what} to {}", path.display()))
+    crate::models::write_safetensors(&cpu, path).with_context(|| format!("cannot save the {what}"))
 }
 
 /// `trellis prune`: the run's setup up to its pruning point (training first when `at_step` >
@@ -43,8 +42,34 @@ pub fn prune(opts: &PruneOptions) -> Result<Masks> {
     let cfg = LoadedConfig::load(&opts.config, &opts.overrides)?;
     if cfg.config.pruner.is_none() {
         return Err(cfg.source.error(
-            "`trellis prune` needs a [pruner] table in the config\n  help: add e.g. `[pruner]\\nuse = \"snip\"\\nsparsity = 0.9`",
+            "`trellis prune` needs a [pruner] table in the config\n  help: add one, e.g.\n\n      \
+             [pruner]\n      use = \"snip\"\n      sparsity = 0.9",
         ));
+    }
+    // Before any work: an output that cannot be written would waste the whole run.
+    for path in [
+        Some(&opts.out),
+        opts.scores.as_ref(),
+        opts.weights.as_ref(),
+        opts.batch.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        if !parent.is_dir() {
+            bail!(
+                "cannot write {}: the directory {} does not exist",
+                path.display(),
+                parent.display()
+            );
+        }
+        if path.is_dir() {
+            bail!("cannot write {}: it is a directory", path.display());
+        }
     }
     let wants_inspection = opts.scores.is_some() || opts.weights.is_some() || opts.batch.is_some();
     let mut pruning = run_until_pruned(&cfg, opts.manifest.as_deref(), wants_inspection)?;
@@ -97,7 +122,12 @@ fn run_until_pruned(cfg: &LoadedConfig, manifest: Option<&Path>, inspect: bool) 
     };
     pruning.inspect = inspect;
     if pruning.at_step > 0 {
-        tracing::info!("training {} steps before pruning", pruning.at_step);
+        let steps = if pruning.at_step == 1 {
+            "step"
+        } else {
+            "steps"
+        };
+        tracing::info!("training {} {steps} before pruning", pruning.at_step);
     }
     trainer.stop_when_pruned = true;
     trainer.prune_if_due()?;

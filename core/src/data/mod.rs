@@ -189,6 +189,13 @@ pub enum Source {
     Cifar100,
 }
 
+impl std::fmt::Display for Source {
+    /// As written in a config: `synthetic`, `cifar10`, `cifar100`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(source_name(*self))
+    }
+}
+
 /// CIFAR-100 has 20 coarse superclasses and 100 fine classes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -295,6 +302,20 @@ impl Default for DataConfig {
             augment: true,
             normalize: true,
         }
+    }
+}
+
+impl DataConfig {
+    /// The classes, channels and image side of the data this config gives, known before any
+    /// of it is read or generated: every source is CIFAR-shaped (3 × 32 × 32).
+    pub fn shape(&self) -> (i64, i64, i64) {
+        let classes = match (self.cifar2, self.source, self.labels) {
+            (true, ..) => 2,
+            (false, Source::Synthetic | Source::Cifar10, _) => 10,
+            (false, Source::Cifar100, Cifar100Labels::Fine) => 100,
+            (false, Source::Cifar100, Cifar100Labels::Coarse) => 20,
+        };
+        (classes, 3, 32)
     }
 }
 

@@ -4,6 +4,7 @@
 
 mod blocks;
 mod resnet;
+mod size;
 mod small;
 mod vgg;
 
@@ -22,6 +23,10 @@ use crate::config::ComponentConfig;
 
 pub use blocks::{autocast, autocast_kind};
 use blocks::{Builder, Linear, Var};
+pub use size::{
+    available_memory, byte_words, catch_panic, check_fits, count_words, DoesNotFit, ModelSize,
+    Purpose,
+};
 
 /// The `[model]` table of a run config.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -99,6 +104,31 @@ impl ModelConfig {
             pool: Pool::Max,
             padding: Padding::Valid,
         }
+    }
+
+    /// The parameters and buffers [`Network::build`] creates for this config, counted from the
+    /// architecture without allocating anything.
+    pub fn size(&self, num_classes: i64, in_channels: i64, image_size: i64) -> ModelSize {
+        let mut size = ModelSize::default();
+        let w = self.width;
+        let features = match self.arch {
+            Arch::Resnet18 | Arch::Resnet34 => {
+                resnet::ResNet::count(resnet_depths(self.arch), w, in_channels, &mut size)
+            }
+            Arch::Vgg16Bn => vgg::Vgg::count(w, in_channels, image_size, &mut size),
+            Arch::Mlp => {
+                let hidden = self.hidden.as_deref().unwrap_or(&small::DEFAULT_HIDDEN);
+                let in_dim = in_channels
+                    .saturating_mul(image_size)
+                    .saturating_mul(image_size);
+                small::Mlp::count(hidden, w, in_dim, &mut size)
+            }
+            Arch::Lenet5 => {
+                small::LeNet5::count(w, in_channels, image_size, self.padding, &mut size)
+            }
+        };
+        size.linear(features, size::dim(self.outputs.unwrap_or(num_classes)));
+        size
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -192,7 +222,8 @@ impl<'de> Deserialize<'de> for ModelSpec {
                 .map_err(D::Error::custom)
         } else {
             Err(D::Error::custom(
-                "[model] needs `arch = \"resnet18\"` (resnet18, resnet34, vgg16_bn, mlp, lenet5) or                  `use = \"<model component>\"` from a plugin",
+                "[model] needs `arch = \"resnet18\"` (resnet18, resnet34, vgg16_bn, mlp, lenet5) \
+                 or `use = \"<model component>\"` from a plugin",
             ))
         }
     }
@@ -243,6 +274,15 @@ impl Arch {
 impl fmt::Display for Arch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// Blocks per stage of the two ResNets.
+fn resnet_depths(arch: Arch) -> [usize; 4] {
+    if arch == Arch::Resnet34 {
+        [3, 4, 6, 3]
+    } else {
+        [2, 2, 2, 2]
     }
 }
 
@@ -308,12 +348,34 @@ pub struct Network {
 
 impl Network {
     /// Input is `[B, in_channels, image_size, image_size]` float; CIFAR: 3 channels, 32 pixels.
+    /// Refuses, before allocating, a model that cannot fit in memory for training.
     pub fn build(
         cfg: &ModelConfig,
         num_classes: i64,
         in_channels: i64,
         image_size: i64,
         device: Device,
+    ) -> Result<Network> {
+        Self::build_for(
+            cfg,
+            num_classes,
+            in_channels,
+            image_size,
+            device,
+            Purpose::Train,
+        )
+    }
+
+    /// [`build`](Self::build) for `purpose`, which decides the memory it must fit in. A
+    /// failure libtorch reports while allocating (an error or one of tch's panics) is an error
+    /// naming the width, never a crash.
+    pub fn build_for(
+        cfg: &ModelConfig,
+        num_classes: i64,
+        in_channels: i64,
+        image_size: i64,
+        device: Device,
+        purpose: Purpose,
     ) -> Result<Network> {
         cfg.validate()?;
         ensure!(
@@ -328,16 +390,44 @@ impl Network {
             image_size >= 1,
             "image size must be positive, got {image_size}"
         );
+        check_fits(cfg, num_classes, in_channels, image_size, device, purpose)?;
+        let failed = |detail: &str| {
+            let size = cfg.size(num_classes, in_channels, image_size);
+            anyhow!(
+                "cannot allocate {} at {} ({} parameters, {} as float32): {detail}\n  help: \
+                 lower {}, or free memory",
+                cfg.arch,
+                purpose.width_setting(cfg.width),
+                count_words(size.parameters),
+                byte_words(size.bytes()),
+                purpose.width_key()
+            )
+        };
+        let built =
+            catch_panic(|| Self::allocate(cfg, num_classes, in_channels, image_size, device));
+        match built {
+            Ok(Ok(net)) => Ok(net),
+            Ok(Err(e)) if e.downcast_ref::<tch::TchError>().is_some() => Err(failed(
+                &trellis_sdk::adapt::without_backtrace(&e.to_string()),
+            )),
+            Ok(Err(e)) => Err(e),
+            Err(panic) => Err(failed(&panic)),
+        }
+    }
+
+    fn allocate(
+        cfg: &ModelConfig,
+        num_classes: i64,
+        in_channels: i64,
+        image_size: i64,
+        device: Device,
+    ) -> Result<Network> {
         let vs = VarStore::new(device);
         let mut b = Builder::new(&vs);
         let w = cfg.width;
         let (body, feature_dim) = match cfg.arch {
             Arch::Resnet18 | Arch::Resnet34 => {
-                let depths = if cfg.arch == Arch::Resnet18 {
-                    [2, 2, 2, 2]
-                } else {
-                    [3, 4, 6, 3]
-                };
+                let depths = resnet_depths(cfg.arch);
                 let (net, dim) =
                     resnet::ResNet::new(&mut b, depths, w, in_channels, cfg.zero_init_residual)?;
                 (Body::ResNet(net), dim)
@@ -395,11 +485,12 @@ impl Network {
         }
         if let Some(v) = vars.iter().find(|v| v.tensor.device() != device) {
             bail!(
-                "model `{}` put `{}` on {:?}, but the run is on {device:?}\n  help: create tensors on \
+                "model `{}` put `{}` on {}, but the run is on {}\n  help: create tensors on \
                  `host.device()`",
                 spec.name(),
                 v.name,
-                v.tensor.device()
+                device_name(v.tensor.device()),
+                device_name(device)
             );
         }
         Ok(Network {
@@ -611,18 +702,16 @@ impl Network {
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(".tmp");
         let tmp = Path::new(&tmp);
-        Tensor::write_safetensors(&tensors, tmp)
-            .with_context(|| format!("writing model weights to {}", tmp.display()))?;
+        write_safetensors(&tensors, tmp).context("cannot save the model's weights")?;
         std::fs::rename(tmp, path)
-            .with_context(|| format!("moving {} to {}", tmp.display(), path.display()))?;
+            .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
         Ok(())
     }
 
     /// Loads a file written by `save()`. Strict: every name must be present with the same shape,
     /// and nothing is changed unless the whole file matches.
     pub fn load(&mut self, path: &Path) -> Result<()> {
-        let file = Tensor::read_safetensors(path)
-            .with_context(|| format!("reading model weights from {}", path.display()))?;
+        let file = read_safetensors(path)?;
         let file: HashMap<String, Tensor> = file.into_iter().collect();
         let ours: HashSet<&str> = self.vars.iter().map(|v| v.name.as_str()).collect();
 
@@ -658,12 +747,13 @@ impl Network {
                     problems.push(format!("{} {what}: {}", list.len(), abbreviate(list)));
                 }
             }
-            bail!(
+            return Err(WeightsMismatch(format!(
                 "{} does not hold the weights of this {} model: {}",
                 path.display(),
                 self.spec.name(),
                 problems.join("; ")
-            );
+            ))
+            .into());
         }
 
         tch::no_grad(|| -> Result<()> {
@@ -675,6 +765,79 @@ impl Network {
             Ok(())
         })
     }
+}
+
+/// The error of [`Network::load`] for a readable file whose tensors are another model's (other
+/// names or shapes), so that callers can say which model to describe instead.
+#[derive(Debug)]
+pub struct WeightsMismatch(pub String);
+
+impl fmt::Display for WeightsMismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for WeightsMismatch {}
+
+/// How messages name a device: `cpu`, `cuda:0`.
+pub fn device_name(device: Device) -> String {
+    match device {
+        Device::Cpu => "cpu".to_string(),
+        Device::Cuda(i) => format!("cuda:{i}"),
+        Device::Mps => "mps".to_string(),
+        Device::Vulkan => "vulkan".to_string(),
+    }
+}
+
+/// Reads a safetensors file with errors a user can act on: the path with the system's reason
+/// when it cannot be read (tch would quote the safetensors crate's `IoError(Os { .. })`), and
+/// "not a safetensors file, or truncated" when its bytes are not one (`HeaderTooLarge`, ...).
+pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    let metadata =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if metadata.is_dir() {
+        bail!("{} is a directory, not a safetensors file", path.display());
+    }
+    std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Tensor::read_safetensors(path).map_err(|e| safetensors_error(path, e, "read"))
+}
+
+/// Writes a safetensors file; an error names the path and the system's reason.
+pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
+    // Created first so that a permission or a missing directory is reported by std, with its
+    // reason, rather than inside the safetensors crate's Debug text.
+    std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
+    Tensor::write_safetensors(tensors, path).map_err(|e| safetensors_error(path, e, "write"))
+}
+
+/// A tch error about a safetensors file at `path`, in words.
+fn safetensors_error(path: &Path, e: tch::TchError, verb: &str) -> anyhow::Error {
+    let tch::TchError::SafeTensorError { err, .. } = &e else {
+        return anyhow!(
+            "cannot {verb} {}: {}",
+            path.display(),
+            trellis_sdk::adapt::without_backtrace(&e.to_string())
+        );
+    };
+    // The crate's errors have no Display of their own, only the variant's name.
+    let variant = err.to_string();
+    let variant = variant.split('(').next().unwrap_or_default();
+    let detail = match variant {
+        "IoError" => return anyhow!("cannot {verb} {}: an I/O error", path.display()),
+        "HeaderTooSmall" => "it is shorter than the 8 bytes of a header length",
+        "HeaderTooLarge" | "InvalidHeaderLength" => {
+            "its first 8 bytes are not a plausible header length"
+        }
+        "InvalidHeader" | "InvalidHeaderStart" | "InvalidHeaderDeserialization" | "JsonError" => {
+            "its header is not the JSON a safetensors file starts with"
+        }
+        _ => "its tensors do not match the file's length",
+    };
+    anyhow!(
+        "{} is not a safetensors file, or is truncated: {detail}",
+        path.display()
+    )
 }
 
 /// Layers and variables of a plugin's model, from what it declares: a layer per module path, in
@@ -826,6 +989,212 @@ mod tests {
             (scaled(84, 0.125), scaled(6, 0.25), scaled(64, 0.25)),
             (10, 2, 16)
         );
+    }
+
+    /// The analytic count is the built model's count, parameters and buffers, for every
+    /// architecture, at several widths and with each option that changes a shape.
+    #[test]
+    fn analytic_size_equals_the_built_models() {
+        let check = |cfg: ModelConfig, classes: i64, channels: i64, side: i64| {
+            let net = Network::build(&cfg, classes, channels, side, Device::Cpu).unwrap();
+            let buffers: i64 = net.buffers().iter().map(|(_, t)| t.numel() as i64).sum();
+            let size = cfg.size(classes, channels, side);
+            assert_eq!(
+                (size.parameters, size.buffers),
+                (net.num_parameters() as u128, buffers as u128),
+                "{cfg:?} on {channels}×{side}×{side}, {classes} classes"
+            );
+        };
+        for arch in ALL {
+            for width in [0.0625, 0.3, 1.0] {
+                check(
+                    ModelConfig {
+                        width,
+                        ..ModelConfig::new(arch)
+                    },
+                    10,
+                    3,
+                    32,
+                );
+            }
+        }
+        for width in [1e-6, 0.25, 1.5, 2.0] {
+            for arch in [Arch::Mlp, Arch::Lenet5] {
+                let cfg = ModelConfig {
+                    width,
+                    ..ModelConfig::new(arch)
+                };
+                check(cfg, 100, 3, 32);
+            }
+        }
+        check(
+            ModelConfig {
+                hidden: Some(vec![40, 7, 3]),
+                width: 0.5,
+                ..ModelConfig::new(Arch::Mlp)
+            },
+            5,
+            1,
+            8,
+        );
+        check(
+            ModelConfig {
+                outputs: Some(1),
+                pool: Pool::Avg,
+                padding: Padding::Same,
+                ..ModelConfig::new(Arch::Lenet5)
+            },
+            2,
+            3,
+            32,
+        );
+        check(ModelConfig::new(Arch::Lenet5), 10, 1, 28);
+        check(
+            ModelConfig {
+                width: 0.125,
+                ..ModelConfig::new(Arch::Vgg16Bn)
+            },
+            10,
+            3,
+            64,
+        );
+        check(
+            ModelConfig {
+                width: 0.1,
+                zero_init_residual: true,
+                ..ModelConfig::new(Arch::Resnet34)
+            },
+            20,
+            1,
+            16,
+        );
+        // The published counts, without building anything.
+        let size = |arch, width| {
+            ModelConfig {
+                width,
+                ..ModelConfig::new(arch)
+            }
+            .size(10, 3, 32)
+            .parameters
+        };
+        assert_eq!(size(Arch::Resnet18, 1.0), 11_173_962);
+        assert_eq!(size(Arch::Resnet34, 1.0), 21_282_122);
+        assert_eq!(size(Arch::Vgg16Bn, 1.0), 14_728_266);
+        // Width 64: 4096× the channel pairs, about 46 billion parameters.
+        assert!((45e9..46e9).contains(&(size(Arch::Resnet18, 64.0) as f64)));
+        // Absurd widths saturate instead of overflowing.
+        assert!(size(Arch::Resnet18, 1e300) > 1u128 << 100);
+    }
+
+    #[test]
+    fn a_model_too_large_for_the_machine_is_refused_before_allocating() {
+        let resnet = |width| ModelConfig {
+            width,
+            ..ModelConfig::new(Arch::Resnet18)
+        };
+        let refusal = |cfg: &ModelConfig, available, purpose| {
+            let e = size::check_fits_in(cfg, 10, 3, 32, available, purpose).unwrap_err();
+            e.downcast_ref::<DoesNotFit>().unwrap().clone()
+        };
+        // Width 1 is 11.2 million parameters, 44.7 MB; training needs 4× that.
+        let r = refusal(&resnet(1.0), Some(100 << 20), Purpose::Train);
+        assert!(
+            r.message
+                .contains("model.width = 1 makes resnet18 a model of 11.2 million parameters")
+                && r.message.contains("needs at least 4× that")
+                && r.message.contains("100.0 MiB of memory available"),
+            "{r}"
+        );
+        assert!(r.help.contains("is about the widest that fits"), "{r}");
+        let widest: f64 = r.help["lower model.width: ".len()..]
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((0.5..1.0).contains(&widest), "{r}");
+        assert!(
+            size::check_fits_in(&resnet(widest), 10, 3, 32, Some(100 << 20), Purpose::Train)
+                .is_ok()
+        );
+        // Loading for analysis needs 2×, and the message speaks of --width.
+        assert!(
+            size::check_fits_in(&resnet(1.0), 10, 3, 32, Some(100 << 20), Purpose::Analyse).is_ok()
+        );
+        let r = refusal(&resnet(2.0), Some(100 << 20), Purpose::Analyse);
+        assert!(r.message.starts_with("--width 2 makes resnet18"), "{r}");
+        // With the memory unknown (a GPU), only what no machine has is refused.
+        assert!(size::check_fits_in(&resnet(64.0), 10, 3, 32, None, Purpose::Train).is_ok());
+        let r = refusal(&resnet(1000.0), None, Purpose::Train);
+        assert!(r.message.contains("more than any machine has"), "{r}");
+        let r = refusal(&resnet(1e300), None, Purpose::Train);
+        assert!(r.message.contains("more than 10^36 parameters"), "{r}");
+        // Network::build refuses it the same way, whatever this machine has.
+        for width in [1000.0, 1e300] {
+            let e = Network::build(&resnet(width), 10, 3, 32, Device::Cpu).unwrap_err();
+            assert!(format!("{e:#}").contains("model.width ="), "{e:#}");
+        }
+        let hidden = ModelConfig {
+            hidden: Some(vec![i64::MAX]),
+            ..ModelConfig::new(Arch::Mlp)
+        };
+        assert!(Network::build(&hidden, 10, 3, 32, Device::Cpu).is_err());
+    }
+
+    #[test]
+    fn unreadable_or_foreign_weight_files_are_refused_in_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut net = small(Arch::Mlp);
+        let message = |net: &mut Network, path: &Path| format!("{:#}", net.load(path).unwrap_err());
+        let absent = dir.path().join("absent.safetensors");
+        let e = message(&mut net, &absent);
+        assert!(
+            e.contains("cannot read")
+                && e.contains("absent.safetensors")
+                && e.contains("No such file"),
+            "{e}"
+        );
+        let e = message(&mut net, dir.path());
+        assert!(e.contains("is a directory"), "{e}");
+        for (bytes, phrase) in [
+            (&b"abc"[..], "shorter than the 8 bytes"),
+            (
+                &b"\xff\xff\xff\xff\xff\xff\xff\x7f{}"[..],
+                "not a plausible header length",
+            ),
+            (&b"\x04\0\0\0\0\0\0\0nope"[..], "not the JSON"),
+        ] {
+            let path = dir.path().join("bad.safetensors");
+            std::fs::write(&path, bytes).unwrap();
+            let e = message(&mut net, &path);
+            assert!(
+                e.contains("is not a safetensors file, or is truncated") && e.contains(phrase),
+                "{e}"
+            );
+            for rust in ["HeaderToo", "IoError", "Os {", "InvalidHeader"] {
+                assert!(!e.contains(rust), "{e}");
+            }
+        }
+        let path = dir.path().join("model.safetensors");
+        net.save(&path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+        let e = message(&mut net, &path);
+        assert!(
+            e.contains("is not a safetensors file, or is truncated"),
+            "{e}"
+        );
+        // Writing where there is no directory names the path and the reason.
+        let e = net
+            .save(&dir.path().join("missing/model.safetensors"))
+            .unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("missing/model.safetensors.tmp") && e.contains("No such file"),
+            "{e}"
+        );
+        assert_eq!(device_name(Device::Cuda(1)), "cuda:1");
+        assert_eq!(device_name(Device::Cpu), "cpu");
     }
 
     #[test]

@@ -6,6 +6,7 @@ use tch::Tensor;
 
 use super::blocks::{convolution_layout, BatchNorm2d, Builder, Conv2d, ConvInit, ConvSpec};
 use super::scaled;
+use super::size::{dim, ModelSize};
 
 fn conv(c_in: i64, c_out: i64, kernel: i64, stride: i64) -> ConvSpec {
     ConvSpec {
@@ -102,6 +103,31 @@ impl ResNet {
             blocks.iter().for_each(BasicBlock::zero_residual);
         }
         Ok((ResNet { conv1, bn1, blocks }, c_in))
+    }
+
+    /// What [`new`](Self::new) creates, counted without allocating; returns the feature
+    /// dimension too.
+    pub fn count(depths: [usize; 4], width: f64, in_channels: i64, size: &mut ModelSize) -> u128 {
+        let stem = dim(scaled(64, width));
+        size.conv(dim(in_channels), stem, 3, false);
+        size.batch_norm(stem);
+        let mut c_in = stem;
+        for (stage, (&depth, base)) in depths.iter().zip([64, 128, 256, 512]).enumerate() {
+            let c_out = dim(scaled(base, width));
+            for i in 0..depth {
+                let stride = if stage > 0 && i == 0 { 2 } else { 1 };
+                size.conv(c_in, c_out, 3, false);
+                size.batch_norm(c_out);
+                size.conv(c_out, c_out, 3, false);
+                size.batch_norm(c_out);
+                if stride != 1 || c_in != c_out {
+                    size.conv(c_in, c_out, 1, false);
+                    size.batch_norm(c_out);
+                }
+                c_in = c_out;
+            }
+        }
+        c_in
     }
 
     /// The last stage's activations `[B, C, H, W]`, before pooling (what Grad-CAM looks at).

@@ -5,6 +5,7 @@ use anyhow::{ensure, Result};
 use tch::Tensor;
 
 use super::blocks::{Builder, Conv2d, ConvInit, ConvSpec, Linear};
+use super::size::{dim, product, ModelSize};
 use super::{scaled, Padding, Pool};
 
 /// Hidden sizes when the config names none.
@@ -26,6 +27,18 @@ impl Mlp {
             dim = out;
         }
         Ok((Mlp { hidden: layers }, dim))
+    }
+
+    /// What [`new`](Self::new) creates, counted without allocating; returns the feature
+    /// dimension.
+    pub fn count(hidden: &[i64], width: f64, in_dim: i64, size: &mut ModelSize) -> u128 {
+        let mut d = dim(in_dim);
+        for &h in hidden {
+            let out = dim(scaled(h, width));
+            size.linear(d, out);
+            d = out;
+        }
+        d
     }
 
     pub fn features(&self, x: &Tensor) -> Tensor {
@@ -95,6 +108,29 @@ impl LeNet5 {
             },
             h2,
         ))
+    }
+
+    /// What [`new`](Self::new) creates, counted without allocating; returns the feature
+    /// dimension.
+    pub fn count(
+        width: f64,
+        in_channels: i64,
+        image_size: i64,
+        padding: Padding,
+        size: &mut ModelSize,
+    ) -> u128 {
+        let shrink = match padding {
+            Padding::Valid => 4,
+            Padding::Same => 0,
+        };
+        let side = dim(((image_size - shrink) / 2 - shrink) / 2);
+        let (c1, c2) = (dim(scaled(6, width)), dim(scaled(16, width)));
+        let (h1, h2) = (dim(scaled(120, width)), dim(scaled(84, width)));
+        size.conv(dim(in_channels), c1, 5, true);
+        size.conv(c1, c2, 5, true);
+        size.linear(product(&[c2, side, side]), h1);
+        size.linear(h1, h2);
+        h2
     }
 
     fn pool2(&self, x: &Tensor) -> Tensor {

@@ -6,6 +6,7 @@ use tch::Tensor;
 
 use super::blocks::{convolution_layout, BatchNorm2d, Builder, Conv2d, ConvInit, ConvSpec};
 use super::scaled;
+use super::size::{dim, product, ModelSize};
 
 /// Channel counts, with `None` for a 2×2 max-pool.
 const VGG16: [Option<i64>; 18] = [
@@ -87,6 +88,21 @@ impl Vgg {
             }
         }
         Ok((Vgg { features }, c_in * side * side))
+    }
+
+    /// What [`new`](Self::new) creates, counted without allocating; returns the feature
+    /// dimension (0 for an image too small, which `new` refuses).
+    pub fn count(width: f64, in_channels: i64, image_size: i64, size: &mut ModelSize) -> u128 {
+        let pools = VGG16.iter().filter(|v| v.is_none()).count() as u32;
+        let side = dim(image_size / 2_i64.pow(pools));
+        let mut c_in = dim(in_channels);
+        for c in VGG16.into_iter().flatten() {
+            let c_out = dim(scaled(c, width));
+            size.conv(c_in, c_out, 3, true);
+            size.batch_norm(c_out);
+            c_in = c_out;
+        }
+        product(&[c_in, side, side])
     }
 
     /// The last convolution's activations `[B, C, H, W]`, before the final pooling (what
