@@ -17,6 +17,7 @@ pub mod models;
 pub mod plugin_host;
 pub mod prune;
 pub mod report;
+pub mod run_dir;
 pub mod schedule;
 pub mod services;
 pub mod source;
