@@ -214,8 +214,8 @@ pub fn load(run_dir: &Path, record: &Record) -> Result<(PathBuf, TrainingState)>
             ),
         ));
     }
-    let tensors = Tensor::read_safetensors(d.join(FILES[1]))
-        .map_err(|e| corrupt(&d, format!("state.safetensors: {e}")))?;
+    let tensors = crate::models::read_safetensors(&d.join(FILES[1]))
+        .map_err(|e| corrupt(&d, format!("state.safetensors: {e:#}")))?;
     let mut parts: BTreeMap<String, (Vec<(String, Tensor)>, String)> = trainer
         .meta
         .iter()

@@ -306,7 +306,7 @@ impl Pruning {
                 (result.masks, format!("pruner {name}"))
             }
             MaskSource::File(path) => {
-                let masks = Tensor::read_safetensors(&*path)
+                let masks = crate::models::read_safetensors(path)
                     .with_context(|| format!("cannot read the mask file {}", path.display()))?;
                 (masks, format!("mask file {}", path.display()))
             }

@@ -547,15 +547,12 @@ fn files_that_cannot_be_read_or_written() {
             "holds a run",
         ),
     ];
-    // core/src/prune.rs still quotes the safetensors crate's variant name for a mask file.
-    let mut masks = case(
+    cases.push(case(
         "mask file is not safetensors",
         Some(tiny("\n[pruner]\nmasks = \"run.toml\"\n")),
         &["prune", "run.toml", "--out", "m.safetensors"],
         "cannot read the mask file",
-    );
-    masks.plain = false;
-    cases.push(masks);
+    ));
     let unreadable = {
         // Root reads files whatever their mode: then there is no permission error to show.
         let probe = base.path().join("probe");
