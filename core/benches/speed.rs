@@ -712,81 +712,49 @@ impl Report {
             .map(|r| r.case.chars().count())
             .max()
             .unwrap_or(4);
-        println!();
-        println!(
-            "| {:width$} | {:>14} | {:>14} | {:>15} | {:>7} |",
-            "case", "Trellis", "PyTorch", "Trellis/PyTorch", "samples"
-        );
-        println!(
-            "|{}|{}|{}|{}|{}|",
-            "-".repeat(width + 2),
-            "-".repeat(16),
-            "-".repeat(16),
-            "-".repeat(17),
-            "-".repeat(9)
-        );
-        for r in &self.rows {
-            println!(
-                "| {:width$} | {:>14} | {:>14} | {:>15.3} | {:>7} |",
-                r.case,
-                format!("{:.4} {}", r.trellis, r.unit),
-                format!("{:.4} {}", r.pytorch, r.unit),
-                r.trellis / r.pytorch,
-                format!("{}/{}", r.samples.0, r.samples.1),
-            );
-        }
+        print_table(width, ["Trellis", "PyTorch", "Trellis/PyTorch"], &self.rows);
         if let Some(r) = &self.dispatch {
-            println!();
-            println!(
-                "| {:width$} | {:>14} | {:>14} | {:>15} | {:>7} |",
-                "case", "plugins", "static", "plugins/static", "samples"
-            );
-            println!(
-                "|{}|{}|{}|{}|{}|",
-                "-".repeat(width + 2),
-                "-".repeat(16),
-                "-".repeat(16),
-                "-".repeat(17),
-                "-".repeat(9)
-            );
-            println!(
-                "| {:width$} | {:>14} | {:>14} | {:>15.3} | {:>7} |",
-                r.case,
-                format!("{:.4} {}", r.trellis, r.unit),
-                format!("{:.4} {}", r.pytorch, r.unit),
-                r.trellis / r.pytorch,
-                format!("{}/{}", r.samples.0, r.samples.1),
+            print_table(
+                width,
+                ["plugins", "static", "plugins/static"],
+                std::slice::from_ref(r),
             );
         }
         if !self.linearized.is_empty() {
-            println!();
-            println!(
-                "| {:width$} | {:>14} | {:>14} | {:>15} | {:>7} |",
-                "case", "f_lin", "f", "f_lin/f", "samples"
-            );
-            println!(
-                "|{}|{}|{}|{}|{}|",
-                "-".repeat(width + 2),
-                "-".repeat(16),
-                "-".repeat(16),
-                "-".repeat(17),
-                "-".repeat(9)
-            );
-            for r in &self.linearized {
-                println!(
-                    "| {:width$} | {:>14} | {:>14} | {:>15.3} | {:>7} |",
-                    r.case,
-                    format!("{:.4} {}", r.trellis, r.unit),
-                    format!("{:.4} {}", r.pytorch, r.unit),
-                    r.trellis / r.pytorch,
-                    format!("{}/{}", r.samples.0, r.samples.1),
-                );
-            }
+            print_table(width, ["f_lin", "f", "f_lin/f"], &self.linearized);
         }
         println!();
         for n in &self.notes {
             println!("- {n}");
         }
+    }
+}
+
+/// One Markdown table of rows: the first column against the second (`columns`: their names and
+/// the ratio's).
+fn print_table(width: usize, columns: [&str; 3], rows: &[Row]) {
+    println!();
+    println!(
+        "| {:width$} | {:>14} | {:>14} | {:>15} | {:>7} |",
+        "case", columns[0], columns[1], columns[2], "samples"
+    );
+    println!(
+        "|{}|{}|{}|{}|{}|",
+        "-".repeat(width + 2),
+        "-".repeat(16),
+        "-".repeat(16),
+        "-".repeat(17),
+        "-".repeat(9)
+    );
+    for r in rows {
+        println!(
+            "| {:width$} | {:>14} | {:>14} | {:>15.3} | {:>7} |",
+            r.case,
+            format!("{:.4} {}", r.trellis, r.unit),
+            format!("{:.4} {}", r.pytorch, r.unit),
+            r.trellis / r.pytorch,
+            format!("{}/{}", r.samples.0, r.samples.1),
+        );
     }
 }
 

@@ -48,6 +48,19 @@ pub struct Param {
     pub tensor: Tensor,
 }
 
+impl Param {
+    /// Another handle to the same parameter (the tensor is shared, not copied): what
+    /// [`Architecture::parameters`] returns for a parameter a model keeps.
+    pub fn shallow_clone(&self) -> Param {
+        Param {
+            name: self.name.clone(),
+            module: self.module.clone(),
+            kind: self.kind,
+            tensor: self.tensor.shallow_clone(),
+        }
+    }
+}
+
 /// A batch of images and their labels.
 #[derive(Debug)]
 pub struct Batch {

@@ -379,16 +379,7 @@ impl Architecture for TinyNet {
         Ok(features.f_linear(self.get("linear.weight"), Some(self.get("linear.bias")))?)
     }
     fn parameters(&self) -> Result<Vec<Param>> {
-        Ok(self
-            .params
-            .iter()
-            .map(|p| Param {
-                name: p.name.clone(),
-                module: p.module.clone(),
-                kind: p.kind,
-                tensor: p.tensor.shallow_clone(),
-            })
-            .collect())
+        Ok(self.params.iter().map(Param::shallow_clone).collect())
     }
     fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
         Ok(self

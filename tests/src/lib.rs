@@ -199,3 +199,28 @@ pub fn assert_refused(dir: &Path, args: &[&str], phrase: &str, untouched: &Path)
     );
     err
 }
+
+/// A tiny, fast config for tests about errors and plumbing rather than learning.
+pub fn tiny(extra: &str) -> String {
+    format!(
+        r#"plugins = "plugins.toml"
+
+[model]
+arch = "mlp"
+hidden = [32]
+
+[data]
+train_size = 200
+test_size = 100
+
+[train]
+epochs = 1
+batch_size = 50
+device = "cpu"
+
+[optimizer]
+use = "sgd"
+lr = 0.05
+{extra}"#
+    )
+}

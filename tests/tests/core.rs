@@ -5,31 +5,6 @@ use std::path::Path;
 use tch::Tensor;
 use trellis_tests::*;
 
-/// A tiny, fast config for tests about errors and plumbing rather than learning.
-fn tiny(extra: &str) -> String {
-    format!(
-        r#"plugins = "plugins.toml"
-
-[model]
-arch = "mlp"
-hidden = [32]
-
-[data]
-train_size = 200
-test_size = 100
-
-[train]
-epochs = 1
-batch_size = 50
-device = "cpu"
-
-[optimizer]
-use = "sgd"
-lr = 0.05
-{extra}"#
-    )
-}
-
 fn tensors(path: &Path) -> Vec<(String, Tensor)> {
     let mut t = Tensor::read_safetensors(path).unwrap();
     t.sort_by(|a, b| a.0.cmp(&b.0));

@@ -10,31 +10,10 @@ use std::process::Command;
 use trellis::plugin_host::sha256_of;
 use trellis_tests::*;
 
-/// A one-epoch run on the optimizer plugin alone.
-const RUN: &str = r#"plugins = "plugins.toml"
-
-[model]
-arch = "mlp"
-hidden = [32]
-
-[data]
-train_size = 200
-test_size = 100
-
-[train]
-epochs = 1
-batch_size = 50
-device = "cpu"
-
-[optimizer]
-use = "sgd"
-lr = 0.05
-"#;
-
 /// A temporary directory with `run.toml`, and `out/`, a run directory prepared with a note in it.
 fn workspace() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("run.toml"), RUN).unwrap();
+    std::fs::write(dir.path().join("run.toml"), tiny("")).unwrap();
     std::fs::create_dir(dir.path().join("out")).unwrap();
     std::fs::write(dir.path().join("out/notes.txt"), "kept as it is\n").unwrap();
     dir

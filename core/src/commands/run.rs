@@ -219,7 +219,7 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary> {
         c.model.name(),
         thousands(model.net().num_parameters()),
         train_data.len(),
-        source_name(c.data.source),
+        source_in_words(c.data.source),
         test_data.len(),
         count(epochs, "epoch"),
         if start_epoch > 0 {
@@ -228,7 +228,7 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary> {
             String::new()
         },
         trainer.steps_per_epoch,
-        device_name(device),
+        device_in_words(device),
         run_dir.display()
     );
     let mut progress = Progress::new(opts.progress);
@@ -610,7 +610,7 @@ fn thousands(n: i64) -> String {
     out
 }
 
-fn source_name(source: Source) -> &'static str {
+fn source_in_words(source: Source) -> &'static str {
     match source {
         Source::Synthetic => "synthetic",
         Source::Cifar10 => "CIFAR-10",
@@ -618,7 +618,7 @@ fn source_name(source: Source) -> &'static str {
     }
 }
 
-fn device_name(device: Device) -> String {
+fn device_in_words(device: Device) -> String {
     match device {
         Device::Cpu => "the CPU".into(),
         Device::Cuda(i) => format!("CUDA device {i}"),
@@ -728,6 +728,6 @@ mod tests {
         assert_eq!(thousands(999), "999");
         assert_eq!(count(1, "epoch"), "1 epoch");
         assert_eq!(count(2, "epoch"), "2 epochs");
-        assert_eq!(device_name(Device::Cpu), "the CPU");
+        assert_eq!(device_in_words(Device::Cpu), "the CPU");
     }
 }

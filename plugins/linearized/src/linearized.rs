@@ -205,16 +205,7 @@ impl Architecture for Linearized {
     }
 
     fn parameters(&self) -> Result<Vec<Param>> {
-        Ok(self
-            .theta
-            .iter()
-            .map(|p| Param {
-                name: p.name.clone(),
-                module: p.module.clone(),
-                kind: p.kind,
-                tensor: p.tensor.shallow_clone(),
-            })
-            .collect())
+        Ok(self.theta.iter().map(Param::shallow_clone).collect())
     }
 
     fn buffers(&self) -> Result<Vec<(String, Tensor)>> {

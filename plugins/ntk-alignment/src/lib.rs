@@ -335,16 +335,7 @@ mod tests {
             Ok(features.f_linear(self.tensor("head.weight"), Some(self.tensor("head.bias")))?)
         }
         fn parameters(&self) -> Result<Vec<Param>> {
-            Ok(self
-                .params
-                .iter()
-                .map(|p| Param {
-                    name: p.name.clone(),
-                    module: p.module.clone(),
-                    kind: p.kind,
-                    tensor: p.tensor.shallow_clone(),
-                })
-                .collect())
+            Ok(self.params.iter().map(Param::shallow_clone).collect())
         }
         fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
             Ok(Vec::new())
