@@ -13,6 +13,7 @@ use trellis_sdk::abi::ErrorKind;
 use trellis_sdk::Role;
 
 use crate::data::DataConfig;
+use crate::layers::{Layers, Part};
 use crate::models::ModelSpec;
 use crate::plugin_host::ComponentError;
 use crate::schedule::ScheduleConfig;
@@ -43,6 +44,52 @@ pub struct RunConfig {
     /// Called on the run's events, in this order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub callbacks: Vec<ComponentConfig>,
+    /// Where the record of each epoch goes besides `metrics.jsonl`.
+    #[serde(default, skip_serializing_if = "LogConfig::is_default")]
+    pub log: LogConfig,
+}
+
+/// `[log]`: the sinks each epoch's record is written to. `metrics.jsonl` is always written (a
+/// resumed run and `trellis report` read it); `sinks` adds others.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub sinks: Vec<Sink>,
+}
+
+impl LogConfig {
+    pub fn is_default(&self) -> bool {
+        self.sinks.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Sink {
+    /// `metrics.csv`: one `epoch,step,key,value` row per number.
+    Csv,
+    /// `tensorboard/events.out.tfevents.*`: scalars and per-layer histograms.
+    Tensorboard,
+}
+
+/// `[train] keep`: which model the run directory keeps besides the last checkpoint.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Keep {
+    /// The final model only.
+    #[default]
+    Last,
+    /// Also `model_best.safetensors`: the model of the evaluated epoch best by `best_metric`.
+    Best,
+}
+
+/// Whether a larger or a smaller value of `best_metric` is better.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    #[default]
+    Max,
+    Min,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -80,6 +127,21 @@ pub struct TrainConfig {
     /// The task loss the model is trained on.
     #[serde(skip_serializing_if = "Loss::is_default")]
     pub loss: Loss,
+    /// `best`: also keep the model of the best evaluated epoch by `best_metric`.
+    #[serde(skip_serializing_if = "Keep::is_last")]
+    pub keep: Keep,
+    /// The test metric `keep = "best"` ranks epochs by, e.g. `top1` or `loss`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub best_metric: Option<String>,
+    /// `max` (default) or `min`: which way `best_metric` is better.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub best_mode: Option<Direction>,
+}
+
+impl Keep {
+    pub fn is_last(&self) -> bool {
+        *self == Keep::Last
+    }
 }
 
 /// `[train] loss`: cross-entropy over one logit per class, or binary cross-entropy on a single
@@ -135,6 +197,9 @@ impl Default for TrainConfig {
             checkpoint_every: 1,
             autocast: Autocast::Off,
             loss: Loss::Ce,
+            keep: Keep::Last,
+            best_metric: None,
+            best_mode: None,
         }
     }
 }
@@ -157,8 +222,20 @@ pub struct OptimizerConfig {
 pub struct ComponentConfig {
     #[serde(rename = "use")]
     pub component: String,
+    /// Metrics only: compute every N epochs (at evaluations on multiples of N, and always after
+    /// the last epoch), for a metric too costly for every evaluation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every: Option<usize>,
     #[serde(flatten)]
     pub options: toml::Table,
+}
+
+impl ComponentConfig {
+    /// Whether a metric is computed after epoch `epoch` (1-based) of `epochs`.
+    pub fn due(&self, epoch: u64, epochs: u64) -> bool {
+        self.every
+            .is_none_or(|n| epoch == epochs || (n > 0 && epoch.is_multiple_of(n as u64)))
+    }
 }
 
 /// `[pruner]`: the component, the target, and when and on what it scores. Keys not listed here
@@ -248,49 +325,31 @@ impl TablePath {
 #[derive(Debug, Clone)]
 pub struct LoadedConfig {
     pub config: RunConfig,
-    pub source: SourceFile,
+    /// The files (the given one and its bases) and overrides the config was merged from.
+    pub source: Layers,
     pub overrides: Vec<String>,
 }
 
 impl LoadedConfig {
-    /// Reads `path`, applies `key.path=value` overrides, and checks the result.
+    /// Reads `path` (and the configs it inherits from with `base`), applies `key.path=value`
+    /// overrides, and checks the result.
     pub fn load(path: &Path, overrides: &[String]) -> Result<LoadedConfig> {
-        let original = SourceFile::read(path)?;
-        // Syntax errors are reported against the file as written.
-        let mut doc: toml_edit::DocumentMut =
-            original.text.parse().map_err(|e: toml_edit::TomlError| {
-                // `[metrics]` written twice for `[[metrics]]` is a duplicate key to TOML.
-                if let Some(e) = bracket_error(&original, None) {
-                    return e;
-                }
-                let span = e.span().unwrap_or(0..0);
-                let message = crate::source::plain_words(e.message().trim());
-                original.error_at(span, &message, None)
-            })?;
-        for o in overrides {
-            apply_override(&mut doc, o)?;
-        }
-        if let Some(e) = bracket_error(&original, Some(&doc)) {
-            return Err(e);
-        }
-        let source = SourceFile {
-            path: original.path.clone(),
-            text: if overrides.is_empty() {
-                original.text
-            } else {
-                doc.to_string()
-            },
-        };
-        let mut config: RunConfig = source.parse().map_err(|e| {
-            if overrides.is_empty() {
-                e
-            } else {
-                e.context(format!(
+        let source = Layers::load(path, overrides)?;
+        if !overrides.is_empty() {
+            // A list written as a table (or the reverse) by an override: every file was checked.
+            let merged: toml_edit::DocumentMut = source
+                .merged
+                .text
+                .parse()
+                .context("the config after --set does not parse")?;
+            if let Some(e) = bracket_error(&source.merged, Some(&merged)) {
+                return Err(e.context(format!(
                     "in the config after applying --set {}",
                     overrides.join(" --set ")
-                ))
+                )));
             }
-        })?;
+        }
+        let mut config: RunConfig = source.parse()?;
         if config.train.threads == 0 {
             config.train.threads = default_threads();
         }
@@ -316,16 +375,10 @@ impl LoadedConfig {
         }
     }
 
-    /// An error about the value at `path`, pointing at it when it is in the file.
+    /// An error about the value at `path`, pointing at it where it was written: a line of the
+    /// config or of a base it inherits, or the `--set` that gave it.
     pub fn error_at(&self, path: &[Seg<'_>], message: &str, help: Option<&str>) -> anyhow::Error {
-        match self
-            .source
-            .value_span(path)
-            .or_else(|| self.source.key_span(path))
-        {
-            Some(span) => self.source.error_at(span, message, help),
-            None => self.source.error(message),
-        }
+        self.source.error_at(path, Part::Value, message, help)
     }
 
     fn validate(&self) -> Result<()> {
@@ -413,7 +466,64 @@ impl LoadedConfig {
         if let Some(p) = &c.pruner {
             self.validate_pruner(p)?;
         }
+        self.validate_every()?;
+        self.validate_keep()
+    }
+
+    fn validate_every(&self) -> Result<()> {
+        let c = &self.config;
+        for (i, m) in c.metrics.iter().enumerate() {
+            if m.every == Some(0) {
+                return Err(self.error_at(
+                    &[Seg::Key("metrics"), Seg::Index(i), Seg::Key("every")],
+                    "`every` counts epochs and must be at least 1",
+                    None,
+                ));
+            }
+        }
+        let others = [("distillers", &c.distillers), ("callbacks", &c.callbacks)];
+        for (key, list) in others {
+            if let Some(i) = list.iter().position(|d| d.every.is_some()) {
+                return Err(self.source.error_at(
+                    &[Seg::Key(key), Seg::Index(i), Seg::Key("every")],
+                    Part::Key,
+                    &format!("`every` is a key of [[metrics]]; [[{key}]] act at every step"),
+                    Some("remove it"),
+                ));
+            }
+        }
+        if c.scheduler.as_ref().is_some_and(|s| s.every.is_some()) {
+            return Err(self.source.error_at(
+                &[Seg::Key("scheduler"), Seg::Key("every")],
+                Part::Key,
+                "`every` is a key of [[metrics]]; the scheduler acts at every step",
+                Some("remove it"),
+            ));
+        }
         Ok(())
+    }
+
+    fn validate_keep(&self) -> Result<()> {
+        let t = &self.config.train;
+        let key = |k: &'static str| [Seg::Key("train"), Seg::Key(k)];
+        match (t.keep, &t.best_metric) {
+            (Keep::Best, None) => Err(self.error_at(
+                &key("keep"),
+                "keep = \"best\" needs the metric that decides which epoch is best",
+                Some("add e.g. `best_metric = \"top1\"` (and `best_mode = \"min\"` for a loss) under [train]"),
+            )),
+            (Keep::Last, Some(_)) => Err(self.error_at(
+                &key("best_metric"),
+                "best_metric is used only with keep = \"best\"",
+                Some("add `keep = \"best\"` under [train], or remove best_metric"),
+            )),
+            _ if t.keep == Keep::Last && t.best_mode.is_some() => Err(self.error_at(
+                &key("best_mode"),
+                "best_mode is used only with keep = \"best\"",
+                Some("add `keep = \"best\"` under [train], or remove best_mode"),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Refuses, before anything is read or created, a built-in model the machine cannot train
@@ -506,7 +616,7 @@ impl LoadedConfig {
 
     /// `path` when the file has it, else the table it would be in (for keys left to defaults).
     fn key_or_table<'p>(&self, path: &[Seg<'p>]) -> Vec<Seg<'p>> {
-        if self.source.key_span(path).is_some() || path.len() < 2 {
+        if self.source.has(path) || path.len() < 2 {
             path.to_vec()
         } else {
             path[..path.len() - 1].to_vec()
@@ -571,19 +681,16 @@ impl LoadedConfig {
             (ErrorKind::Config, Some(key)) => {
                 let key: &str = key;
                 path.push(Seg::Key(key));
-                let span = self
-                    .source
-                    .key_span(&path)
-                    .or_else(|| self.source.key_span(&table.segs()));
-                let message = crate::source::plain_words(&component_error.to_string());
-                match span {
-                    Some(span) => self.source.error_at(
-                        span,
-                        &message,
-                        Some("see `trellis plugins` for the component's keys and defaults"),
-                    ),
-                    None => self.source.error(&message),
+                if !self.source.has(&path) {
+                    path = table.segs();
                 }
+                let message = crate::source::plain_words(&component_error.to_string());
+                self.source.error_at(
+                    &path,
+                    Part::Key,
+                    &message,
+                    Some("see `trellis plugins` for the component's keys and defaults"),
+                )
             }
             _ => error,
         }
@@ -672,7 +779,7 @@ const TABLES: [&str; 7] = [
 /// `[metrics]` where `[[metrics]]` is meant (and `[[model]]` for `[model]`): TOML's own words
 /// for it are "duplicate key" or serde's "invalid type: map, expected a sequence". With `doc`,
 /// looks at what each key holds; without (the text did not parse), at the headers alone.
-fn bracket_error(
+pub(crate) fn bracket_error(
     source: &SourceFile,
     doc: Option<&toml_edit::DocumentMut>,
 ) -> Option<anyhow::Error> {
@@ -986,8 +1093,20 @@ momentum = 0.9
         .unwrap();
         assert_eq!(c.config.train.epochs, 5);
         assert_eq!(c.config.optimizer.options["momentum"].as_float(), Some(0.5));
+        // An override's error names the override, not a line of the file it replaced.
         let e = err(BASE, &["train.epochs=0"]);
-        assert!(e.contains("run.toml:6"), "{e}");
+        assert!(
+            e.contains("--> --set train.epochs=0") && !e.contains("run.toml:6"),
+            "{e}"
+        );
+        let e = err(BASE, &["train.epochs=\"two\""]);
+        assert!(e.contains("--> --set train.epochs=\"two\""), "{e}");
+        // The file's own errors still name its lines.
+        let e = err(
+            &BASE.replace("epochs = 2", "epochs = 0"),
+            &["optimizer.lr=0.5"],
+        );
+        assert!(e.contains("run.toml:6:10"), "{e}");
         let e = err(BASE, &["train.epochs"]);
         assert!(e.contains("--set expects key.path=value"), "{e}");
     }

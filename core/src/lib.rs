@@ -13,6 +13,7 @@ pub mod commands;
 pub mod config;
 pub mod data;
 pub mod esd;
+pub mod layers;
 pub mod models;
 pub mod plugin_host;
 pub mod prune;
@@ -21,6 +22,7 @@ pub mod run_dir;
 pub mod schedule;
 pub mod services;
 pub mod source;
+pub mod sweep;
 pub mod train;
 
 /// jemalloc serves every allocation in the process, libtorch's too (it is linked with unprefixed

@@ -43,6 +43,37 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Run every combination of a grid of config values, each as its own `trellis run` in
+    /// OUT/<id>, `--jobs` at a time; re-running the same command skips finished runs and resumes
+    /// the others.
+    #[command(after_help = SWEEP_EXAMPLES)]
+    Sweep {
+        /// A sweep file (`config = "base.toml"` and a [grid] table), or a run config whose grid
+        /// is given with --grid.
+        file: PathBuf,
+        /// One more axis: `--grid train.seed=0,1,2` (values read as TOML, else as strings).
+        #[arg(long, value_name = "KEY=V1,V2,...")]
+        grid: Vec<String>,
+        /// The sweep's directory: runs.tsv, one run directory per run, logs/.
+        #[arg(long)]
+        out: PathBuf,
+        /// Runs at a time on this machine; the CPU threads are split between them.
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+        /// CPU threads to split between the jobs (default: one per core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Use this plugin manifest instead of each config's `plugins`.
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        /// Write a cluster script instead of running: `slurm` writes OUT/sweep.sbatch, an
+        /// `sbatch --array` job whose task N runs line N of runs.tsv.
+        #[arg(long, value_enum)]
+        emit: Option<commands::sweep::Emit>,
+        /// No progress bars, only a line per run.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Per-layer heavy-tailed spectral diagnostics (power-law alpha of each layer's ESD) of a
     /// saved model.
     Esd {
@@ -130,7 +161,22 @@ enum PluginsAction {
     },
 }
 
+const SWEEP_EXAMPLES: &str = "Examples:
+  trellis sweep examples/pruning/sweep_synthetic.toml --out runs/pruning --jobs 2
+  trellis sweep examples/quickstart.toml --grid train.seed=0,1,2 --grid optimizer.lr=0.05,0.1 --out runs/lr
+  trellis sweep examples/pruning/sweep.toml --out /scratch/pruning --emit slurm   # then: sbatch ...
+
+A sweep file:
+  config = \"base.toml\"                  # or [\"tempbalance.toml\", \"baseline.toml\"]: one more axis
+  [grid]
+  \"pruner.use\" = [\"snip\", \"grasp\"]
+  \"train.seed\" = [0, 1, 2]              # the last axis varies fastest
+
+OUT/runs.tsv lists the runs (id, overrides, run directory, threads, state); OUT/logs/ID.log has
+each run's output. Compare the runs with `trellis report OUT --group-by pruner.use`.";
+
 fn main() -> ExitCode {
+    trellis::commands::sweep::follow_parent();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -159,6 +205,25 @@ fn main() -> ExitCode {
             progress: !quiet,
         })
         .map(|_| ()),
+        Command::Sweep {
+            file,
+            grid,
+            out,
+            jobs,
+            threads,
+            manifest,
+            emit,
+            quiet,
+        } => commands::sweep::sweep(&commands::sweep::SweepOptions {
+            file,
+            grid,
+            out,
+            jobs,
+            threads,
+            manifest,
+            emit,
+            progress: !quiet,
+        }),
         Command::Info => commands::info::info(),
         Command::Esd {
             weights,

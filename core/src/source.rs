@@ -247,7 +247,7 @@ pub fn plain_words(message: &str) -> String {
     text
 }
 
-fn help_for(message: &str) -> Option<&'static str> {
+pub(crate) fn help_for(message: &str) -> Option<&'static str> {
     if message.starts_with("unknown field") {
         Some("remove the key or fix its spelling; the expected keys are listed above")
     } else if message.starts_with("missing field") {

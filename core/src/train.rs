@@ -67,8 +67,12 @@ pub fn load_registry(cfg: &LoadedConfig, manifest: Option<&Path>) -> Result<Regi
             }
         },
     };
-    Registry::load(&manifest)
-        .with_context(|| format!("while loading the plugins of {}", cfg.source.path.display()))
+    Registry::load(&manifest).with_context(|| {
+        format!(
+            "while loading the plugins of {}",
+            cfg.source.path().display()
+        )
+    })
 }
 
 /// Builds the run's network, pointing errors at `[model]`.
@@ -633,10 +637,18 @@ impl Trainer<'_> {
         for h in self.callbacks_for(Events::EVAL) {
             h.callback.eval_start(info).map_err(sdk_error)?;
         }
+        // A metric with `every` sits out the evaluations between its epochs.
+        let due: Vec<bool> = c
+            .metrics
+            .iter()
+            .map(|m| m.due(info.epoch, info.epochs))
+            .collect();
         let mut wants_batches = Vec::new();
-        for m in &mut self.components.metrics {
-            m.reset().map_err(sdk_error)?;
-            wants_batches.push(m.wants_batches().map_err(sdk_error)?);
+        for (m, due) in self.components.metrics.iter_mut().zip(&due) {
+            if *due {
+                m.reset().map_err(sdk_error)?;
+            }
+            wants_batches.push(*due && m.wants_batches().map_err(sdk_error)?);
         }
         if wants_batches.contains(&true) {
             let _no_grad = tch::no_grad_guard();
@@ -679,7 +691,13 @@ impl Trainer<'_> {
         }
         let mut scalars = BTreeMap::new();
         let mut tables = Vec::new();
-        for m in &mut self.components.metrics {
+        for (m, _) in self
+            .components
+            .metrics
+            .iter_mut()
+            .zip(&due)
+            .filter(|(_, d)| **d)
+        {
             let values = m.compute(info).map_err(sdk_error)?;
             scalars.extend(values.scalars);
             tables.extend(values.tables);

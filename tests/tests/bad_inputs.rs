@@ -630,7 +630,7 @@ fn command_line_errors() {
             "--set a wrong type",
             Some(tiny("")),
             &run_args(&["--set", "train.epochs=\"many\""]),
-            "after applying --set train.epochs=\"many\"",
+            "--> --set train.epochs=\"many\"",
         ),
         case(
             "--set a list as a table",

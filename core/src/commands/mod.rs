@@ -7,3 +7,4 @@ pub mod plugin_new;
 pub mod plugins;
 pub mod prune;
 pub mod run;
+pub mod sweep;
