@@ -40,7 +40,7 @@ pub struct RunConfig {
     #[serde(default)]
     pub distillers: Vec<ComponentConfig>,
     #[serde(default)]
-    pub metrics: Vec<ComponentConfig>,
+    pub metrics: Vec<MetricConfig>,
     /// Called on the run's events, in this order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub callbacks: Vec<ComponentConfig>,
@@ -222,16 +222,26 @@ pub struct OptimizerConfig {
 pub struct ComponentConfig {
     #[serde(rename = "use")]
     pub component: String,
-    /// Metrics only: compute every N epochs (at evaluations on multiples of N, and always after
-    /// the last epoch), for a metric too costly for every evaluation.
+    #[serde(flatten)]
+    pub options: toml::Table,
+}
+
+/// A `[[metrics]]` table: a component table plus when the host computes it. Other components
+/// keep `every` as their own key (TempBalance's recompute interval is one).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MetricConfig {
+    #[serde(rename = "use")]
+    pub component: String,
+    /// Compute every N epochs (at evaluations on multiples of N, and always after the last
+    /// epoch), for a metric too costly for every evaluation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub every: Option<usize>,
     #[serde(flatten)]
     pub options: toml::Table,
 }
 
-impl ComponentConfig {
-    /// Whether a metric is computed after epoch `epoch` (1-based) of `epochs`.
+impl MetricConfig {
+    /// Whether the metric is computed after epoch `epoch` (1-based) of `epochs`.
     pub fn due(&self, epoch: u64, epochs: u64) -> bool {
         self.every
             .is_none_or(|n| epoch == epochs || (n > 0 && epoch.is_multiple_of(n as u64)))
@@ -480,25 +490,6 @@ impl LoadedConfig {
                     None,
                 ));
             }
-        }
-        let others = [("distillers", &c.distillers), ("callbacks", &c.callbacks)];
-        for (key, list) in others {
-            if let Some(i) = list.iter().position(|d| d.every.is_some()) {
-                return Err(self.source.error_at(
-                    &[Seg::Key(key), Seg::Index(i), Seg::Key("every")],
-                    Part::Key,
-                    &format!("`every` is a key of [[metrics]]; [[{key}]] act at every step"),
-                    Some("remove it"),
-                ));
-            }
-        }
-        if c.scheduler.as_ref().is_some_and(|s| s.every.is_some()) {
-            return Err(self.source.error_at(
-                &[Seg::Key("scheduler"), Seg::Key("every")],
-                Part::Key,
-                "`every` is a key of [[metrics]]; the scheduler acts at every step",
-                Some("remove it"),
-            ));
         }
         Ok(())
     }
@@ -1077,6 +1068,31 @@ momentum = 0.9
         assert!(e.contains("has 2 entries"), "{e}");
         let e = err(&text, &["metrics.bins=5"]);
         assert!(e.contains("name one by its position"), "{e}");
+    }
+
+    #[test]
+    fn every_is_the_hosts_key_in_metrics_and_the_components_own_elsewhere() {
+        let text = format!(
+            "{BASE}\n[scheduler]\nuse = \"tempbalance\"\nevery = 2\n\n\
+             [[metrics]]\nuse = \"accuracy\"\n\n[[metrics]]\nuse = \"ece\"\nevery = 3\n"
+        );
+        let (_dir, path) = write(&text);
+        let c = LoadedConfig::load(&path, &[]).unwrap();
+        // TempBalance's recompute interval reaches the plugin untouched.
+        let scheduler = c.config.scheduler.as_ref().unwrap();
+        assert_eq!(scheduler.options["every"].as_integer(), Some(2));
+        let [accuracy, ece] = &c.config.metrics[..] else {
+            panic!()
+        };
+        assert!(
+            ece.options.is_empty(),
+            "the host keeps `every` from the metric"
+        );
+        let due = |m: &MetricConfig| (1..=7).filter(|&e| m.due(e, 7)).collect::<Vec<_>>();
+        assert_eq!(due(accuracy), [1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(due(ece), [3, 6, 7], "multiples of 3 and the last epoch");
+        let e = err(&text.replace("every = 3", "every = 0"), &[]);
+        assert!(e.contains("must be at least 1"), "{e}");
     }
 
     #[test]
