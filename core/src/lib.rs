@@ -8,8 +8,10 @@
 //!   resuming; [`report`]: logs and tables.
 //! - [`esd`]: the per-layer spectral diagnostics `trellis esd` prints.
 //! - [`commands`]: one module per `trellis` subcommand, driving the above.
+pub mod best;
 pub mod checkpoint;
 pub mod commands;
+pub mod compare;
 pub mod config;
 pub mod data;
 pub mod esd;
@@ -21,9 +23,11 @@ pub mod report;
 pub mod run_dir;
 pub mod schedule;
 pub mod services;
+pub mod sinks;
 pub mod source;
 pub mod sweep;
 pub mod train;
+pub mod train_log;
 
 /// jemalloc serves every allocation in the process, libtorch's too (it is linked with unprefixed
 /// `malloc`/`free`, which take precedence over glibc's). glibc gives blocks over 32 MB back to the

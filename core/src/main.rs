@@ -74,6 +74,33 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Tables of mean ± std over seeds of finished runs, one row per group (with a baseline:
+    /// the difference, Welch's t-test and a bootstrap interval), and their learning curves.
+    #[command(after_help = REPORT_EXAMPLES)]
+    Report {
+        /// Run directories, or directories holding them (a sweep's OUT).
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// Config keys whose values make the groups: `--group-by pruner.use,pruner.sparsity`
+        /// (default: every key the runs differ in, except seeds and threads).
+        #[arg(long, value_delimiter = ',', value_name = "KEY,...")]
+        group_by: Vec<String>,
+        /// A test metric to tabulate (repeatable; default: every metric of the runs).
+        #[arg(long = "metric", value_name = "NAME")]
+        metrics: Vec<String>,
+        /// The group the others are compared with: `--baseline pruner.use=random`.
+        #[arg(long, value_name = "KEY=VALUE")]
+        baseline: Option<String>,
+        /// Which epoch of each run counts.
+        #[arg(long, value_enum, default_value = "final")]
+        at: commands::report::At,
+        /// How the table is printed.
+        #[arg(long, value_enum, default_value = "markdown")]
+        format: commands::report::Format,
+        /// Also write OUT/report.md with the figures, table.{md,csv,tex} and figures/*.png.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Per-layer heavy-tailed spectral diagnostics (power-law alpha of each layer's ESD) of a
     /// saved model.
     Esd {
@@ -175,6 +202,15 @@ A sweep file:
 OUT/runs.tsv lists the runs (id, overrides, run directory, threads, state); OUT/logs/ID.log has
 each run's output. Compare the runs with `trellis report OUT --group-by pruner.use`.";
 
+const REPORT_EXAMPLES: &str = "Examples:
+  trellis report runs/pruning --group-by pruner.use,pruner.sparsity --metric top1
+  trellis report runs/pruning --group-by pruner.use --baseline pruner.use=random --out runs/pruning/report
+  trellis report runs/tb runs/baseline --at best --format latex
+
+A group's runs are its seeds: the n column counts them. With --baseline, Δ is the group's mean
+minus the baseline's, p is Welch's two-sided t-test, the interval a 95 % percentile bootstrap of
+Δ, and ~ marks a Δ within noise (p >= 0.05 or an interval holding 0).";
+
 fn main() -> ExitCode {
     trellis::commands::sweep::follow_parent();
     tracing_subscriber::fmt()
@@ -182,7 +218,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(trellis::train_log::Tee)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
@@ -223,6 +259,23 @@ fn main() -> ExitCode {
             manifest,
             emit,
             progress: !quiet,
+        }),
+        Command::Report {
+            dirs,
+            group_by,
+            metrics,
+            baseline,
+            at,
+            format,
+            out,
+        } => commands::report::report(&commands::report::ReportOptions {
+            dirs,
+            group_by,
+            metrics,
+            baseline,
+            at,
+            format,
+            out,
         }),
         Command::Info => commands::info::info(),
         Command::Esd {

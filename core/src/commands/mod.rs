@@ -6,5 +6,6 @@ pub mod info;
 pub mod plugin_new;
 pub mod plugins;
 pub mod prune;
+pub mod report;
 pub mod run;
 pub mod sweep;

@@ -59,6 +59,7 @@ use anyhow::{bail, Context, Result};
 use tch::Device;
 use trellis_sdk::{EpochInfo, Role};
 
+use crate::best::KeepBest;
 use crate::checkpoint::{self, Record};
 use crate::config::LoadedConfig;
 use crate::data::Source;
@@ -66,7 +67,9 @@ use crate::plugin_host::Registry;
 use crate::prune;
 use crate::report::{summary_table, table_map, EpochRecord, MetricsLog, Progress};
 use crate::run_dir::{Plan, PluginRecord, RunDir, Snapshot};
+use crate::sinks::Sinks;
 use crate::train::{prepare, resolve_device, Interrupted, Prepared, Trainer};
+use crate::train_log;
 
 /// How `trellis run` was asked to run.
 #[derive(Debug, Clone, Default)]
@@ -209,6 +212,16 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary> {
 
     // From here on the run directory changes; each step leaves a state `--resume` takes up.
     let mut log = dir.begin(&plan, &resolved, &plugins)?;
+    let _train_log = TrainLog::start(&run_dir);
+    let mut sinks = Sinks::open(&run_dir, &c.log, &records)?;
+    let mut best = match (c.train.keep, &c.train.best_metric) {
+        (crate::config::Keep::Best, Some(metric)) => Some(KeepBest::open(
+            &run_dir,
+            metric,
+            c.train.best_mode.unwrap_or_default(),
+        )?),
+        _ => None,
+    };
     trainer.interrupt = Some(signals.any.clone());
     let epochs = c.train.epochs;
     let last_epoch = opts.stop_after.map_or(epochs, |s| s.min(epochs));
@@ -247,6 +260,10 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary> {
                     record => record?,
                 };
             log.append(&record)?;
+            sinks.write(&record)?;
+            if let Some(best) = &mut best {
+                best.consider(record.epoch, &record.test, &model.net())?;
+            }
             records.push(record);
             let done = epoch + 1;
             let interrupted = signals.any.load(Ordering::SeqCst);
@@ -293,16 +310,34 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary> {
         }
         Err(e) => return Err(dir.failed(e)),
     };
-    println!("\n{}", summary_table(&records));
+    train_log::println(&format!("\n{}", summary_table(&records)));
     if let Some(masks) = trainer.masks() {
-        println!("{}", prune::density_table(masks));
+        train_log::println(&prune::density_table(masks));
     }
-    println!("run directory: {}", run_dir.display());
+    train_log::println(&format!("run directory: {}", run_dir.display()));
     Ok(RunSummary {
         run_dir,
         records,
         finished,
     })
+}
+
+/// `train.log` is appended to for as long as this value lives.
+struct TrainLog;
+
+impl TrainLog {
+    fn start(run_dir: &Path) -> TrainLog {
+        if let Err(e) = train_log::start(&run_dir.join("train.log")) {
+            tracing::warn!("cannot write {}: {e}", run_dir.join("train.log").display());
+        }
+        TrainLog
+    }
+}
+
+impl Drop for TrainLog {
+    fn drop(&mut self) {
+        train_log::stop();
+    }
 }
 
 enum Outcome {
