@@ -371,7 +371,7 @@ fn fuzz_run_config() {
     let path = dir.path().join("run.toml");
     let extra_seeds = [
         include_str!("../../examples/cifar10_resnet18.toml"),
-        include_str!("../../examples/pruning/compare_synthetic.toml"),
+        include_str!("../../examples/pruning/base.toml"),
         include_str!("../../examples/distill_kd.toml"),
     ];
     // The seeds themselves are valid.

@@ -363,24 +363,60 @@ fn bad_pruning_targets_are_refused_at_their_line() {
 }
 
 #[test]
-fn example_pruning_configs_load_with_their_method_and_sparsity() {
+fn example_pruning_sweeps_expand_to_every_method_and_sparsity_and_load() {
     let dir = workspace_root().join("examples/pruning");
-    let mut seen = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
-        let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
-            continue;
-        };
-        let cfg = trellis::config::LoadedConfig::load(&path, &[])
-            .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
-        let pruner = cfg.config.pruner.as_ref().expect("a [pruner] table");
-        let density = pruner.density().unwrap();
-        if let Some((method, rest)) = stem.split_once("_resnet18_") {
-            assert_eq!(pruner.component.as_deref(), Some(method), "{stem}");
-            let sparsity: f64 = rest.parse::<f64>().unwrap() / 100.0;
-            assert!((density - (1.0 - sparsity)).abs() < 1e-12, "{stem}");
-            seen += 1;
+    let methods = ["snip", "grasp", "synflow", "magnitude", "random"];
+    for (file, sparsities, seeds) in [
+        ("sweep.toml", &[0.90, 0.98][..], 3),
+        ("sweep_synthetic.toml", &[0.98][..], 2),
+    ] {
+        let sweep = trellis::sweep::Sweep::load(&dir.join(file), &[]).unwrap();
+        let runs = sweep.runs();
+        assert_eq!(
+            runs.len(),
+            methods.len() * sparsities.len() * seeds,
+            "{file}"
+        );
+        let mut seen = std::collections::BTreeSet::new();
+        for run in &runs {
+            let cfg = trellis::config::LoadedConfig::load(&run.config, &run.overrides)
+                .unwrap_or_else(|e| panic!("{file} {}: {e:#}", run.id));
+            let pruner = cfg.config.pruner.as_ref().expect("a [pruner] table");
+            let method = pruner.component.clone().unwrap();
+            let sparsity = 1.0 - pruner.density().unwrap();
+            assert!(
+                sparsities.iter().any(|s| (s - sparsity).abs() < 1e-12),
+                "{file} {}",
+                run.id
+            );
+            seen.insert((
+                method,
+                (sparsity * 100.0).round() as u32,
+                cfg.config.train.seed,
+            ));
         }
+        assert_eq!(
+            seen.len(),
+            runs.len(),
+            "{file}: every run is a different combination"
+        );
+        assert!(
+            methods.iter().all(|m| seen.iter().any(|(s, _, _)| s == m)),
+            "{file}"
+        );
     }
-    assert_eq!(seen, 10, "five methods at 90 % and 98 %");
+    // The synthetic variant inherits everything but data, width, epochs and device.
+    let synthetic = trellis::config::LoadedConfig::load(&dir.join("base_synthetic.toml"), &[])
+        .unwrap()
+        .config;
+    let base = trellis::config::LoadedConfig::load(&dir.join("base.toml"), &[])
+        .unwrap()
+        .config;
+    assert_eq!(synthetic.pruner, base.pruner);
+    assert_eq!(synthetic.optimizer, base.optimizer);
+    assert_eq!(synthetic.train.batch_size, base.train.batch_size);
+    let trellis::models::ModelSpec::Builtin(model) = &synthetic.model else {
+        panic!("a built-in model")
+    };
+    assert_eq!((model.width, synthetic.train.epochs), (0.25, 5));
 }

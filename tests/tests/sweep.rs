@@ -1,0 +1,223 @@
+//! `trellis sweep` and `trellis report` end to end on one small grid: a sweep killed with
+//! `kill -9` (parent and runs at once) and re-run ends with every run equal to running it alone;
+//! the Slurm script runs exactly its task's line; the report's numbers are the runs' own; the
+//! logging sinks read back.
+
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use trellis_tests::*;
+
+/// Four seeds of a small MLP run, long enough (a few seconds) to be killed in the middle.
+fn config() -> String {
+    tiny("\n[[metrics]]\nuse = \"accuracy\"\n\n[log]\nsinks = [\"csv\", \"tensorboard\"]\n")
+        .replace("train_size = 200", "train_size = 3000")
+        .replace("epochs = 1", "epochs = 4")
+        .replace("hidden = [32]", "hidden = [256, 256]")
+}
+
+const SWEEP: &str = "config = \"run.toml\"\n\n[grid]\n\"train.seed\" = [0, 1, 2, 3]\n";
+const IDS: [&str; 4] = ["000-0", "001-1", "002-2", "003-3"];
+
+fn state(run: &Path) -> String {
+    std::fs::read_to_string(run.join("state.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["state"].as_str().map(String::from))
+        .unwrap_or_default()
+}
+
+fn model(run: &Path) -> Vec<u8> {
+    std::fs::read(run.join("model.safetensors"))
+        .unwrap_or_else(|e| panic!("{}: {e}", run.display()))
+}
+
+#[test]
+fn a_killed_sweep_resumes_to_its_runs_alone_and_slurm_and_report_agree() {
+    let (dir, _) = setup(&config());
+    let d = dir.path();
+    std::fs::write(d.join("sweep.toml"), SWEEP).unwrap();
+    let sweep_args = [
+        "sweep",
+        "sweep.toml",
+        "--out",
+        "sw",
+        "--jobs",
+        "2",
+        "--threads",
+        "2",
+        "--quiet",
+    ];
+
+    // The expansion: one line per seed, in the grid's order, each with its own directory.
+    let mut child = Command::new(trellis_bin())
+        .args(sweep_args)
+        .current_dir(d)
+        .process_group(0)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let sw = d.join("sw");
+    let start = Instant::now();
+    while !IDS.iter().any(|id| state(&sw.join(id)) == "checkpointed") {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no run checkpointed"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "the sweep ended early");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // kill -9 of the sweep and of its runs at once (they share its process group).
+    let pgid = child.id() as i32;
+    // (procps' kill takes a negative pid, a process group, only after `--`.)
+    assert!(Command::new("kill")
+        .args(["-s", "KILL", "--", &format!("-{pgid}")])
+        .status()
+        .unwrap()
+        .success());
+    use std::os::unix::process::ExitStatusExt;
+    let status = child.wait().unwrap();
+    assert_eq!(status.signal(), Some(9), "the sweep was killed: {status:?}");
+    assert!(
+        IDS.iter().any(|id| state(&sw.join(id)) != "finished"),
+        "the kill left something to do: {:?}",
+        IDS.map(|id| state(&sw.join(id)))
+    );
+    let tsv = std::fs::read_to_string(sw.join("runs.tsv")).unwrap();
+    let lines: Vec<&str> = tsv.lines().skip(1).collect();
+    assert_eq!(lines.len(), 4, "{tsv}");
+    let mut dirs = std::collections::BTreeSet::new();
+    for (line, id) in lines.iter().zip(IDS) {
+        let cells: Vec<&str> = line.split('\t').collect();
+        assert_eq!(cells[0], id, "{tsv}");
+        assert!(
+            cells[2].ends_with(&format!("train.seed={}", &id[4..])),
+            "{tsv}"
+        );
+        assert_eq!(
+            cells[4], "1",
+            "two jobs of the two threads: one each\n{tsv}"
+        );
+        dirs.insert(cells[3].to_string());
+    }
+    assert_eq!(dirs.len(), 4, "two runs never share a directory\n{tsv}");
+
+    // The same command again finishes what is left.
+    let again = trellis(d, &sweep_args);
+    assert_ok(&again);
+    let tsv = std::fs::read_to_string(sw.join("runs.tsv")).unwrap();
+    assert_eq!(tsv.matches("\tfinished").count(), 4, "{tsv}");
+
+    // Every run equals the same run alone, on its thread count.
+    for (seed, id) in IDS.iter().enumerate() {
+        let alone = format!("alone{seed}");
+        assert_ok(&trellis(
+            d,
+            &[
+                "run",
+                "run.toml",
+                "--set",
+                &format!("train.seed={seed}"),
+                "--set",
+                "train.threads=1",
+                "--out",
+                &alone,
+                "--quiet",
+            ],
+        ));
+        assert!(
+            model(&sw.join(id)) == model(&d.join(&alone)),
+            "{id} after the kill differs from the run alone"
+        );
+    }
+
+    // The Slurm script runs exactly the line of its task.
+    assert_ok(&trellis(
+        d,
+        &["sweep", "sweep.toml", "--out", "slurm", "--emit", "slurm"],
+    ));
+    let script = d.join("slurm/sweep.sbatch");
+    let text = std::fs::read_to_string(&script).unwrap();
+    assert!(text.contains("#SBATCH --array=0-3"), "{text}");
+    let task = Command::new("bash")
+        .arg(&script)
+        .current_dir(d)
+        .env("SLURM_ARRAY_TASK_ID", "2")
+        .env("SLURM_CPUS_PER_TASK", "1")
+        .output()
+        .unwrap();
+    assert_ok(&task);
+    let slurm = d.join("slurm");
+    assert_eq!(state(&slurm.join("002-2")), "finished");
+    for other in ["000-0", "001-1", "003-3"] {
+        assert!(!slurm.join(other).exists(), "task 2 ran {other}");
+    }
+    assert!(model(&slurm.join("002-2")) == model(&d.join("alone2")));
+    let missing = Command::new("bash")
+        .arg(&script)
+        .current_dir(d)
+        .env("SLURM_ARRAY_TASK_ID", "9")
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2), "{}", stderr(&missing));
+
+    // The report: one group (the runs differ only in their seeds), mean ± std by hand.
+    let finals: Vec<f64> = IDS
+        .iter()
+        .map(|id| {
+            metrics(&sw.join(id)).last().unwrap()["test"]["top1"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    let mean = finals.iter().sum::<f64>() / 4.0;
+    let std = (finals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 3.0).sqrt();
+    let report = trellis(d, &["report", "sw", "--metric", "top1", "--out", "rep"]);
+    assert_ok(&report);
+    let table = stdout(&report);
+    assert!(
+        table.contains(&format!("|   4 | {mean:.4} ± {std:.4} |")),
+        "expected n = 4 and {mean:.4} ± {std:.4}:\n{table}"
+    );
+    let md = std::fs::read_to_string(d.join("rep/report.md")).unwrap();
+    assert!(md.contains("figures/curve_top1.png"), "{md}");
+    let png = std::fs::read(d.join("rep/figures/curve_top1.png")).unwrap();
+    assert_eq!(&png[..4], b"\x89PNG");
+    let csv = std::fs::read_to_string(d.join("rep/table.csv")).unwrap();
+    assert!(csv.starts_with("runs,n,top1\n"), "{csv}");
+
+    // The sinks: TensorBoard's event files hold each epoch's top-1 as metrics.jsonl does (a
+    // resumed run adds a file; the steps it trained again appear in both), metrics.csv too.
+    let run = sw.join("000-0");
+    let records = metrics(&run);
+    let mut scalars = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(run.join("tensorboard")).unwrap() {
+        let events = trellis::sinks::tensorboard::read_events(&entry.unwrap().path()).unwrap();
+        assert_eq!(events.file_version.as_deref(), Some("brain.Event:2"));
+        for (step, tag, value) in events.scalars {
+            scalars.insert((step, tag), value);
+        }
+    }
+    let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    for r in &records {
+        let epoch = r["epoch"].as_i64().unwrap();
+        let top1 = r["test"]["top1"].as_f64().unwrap();
+        assert_eq!(
+            scalars.get(&(epoch, "test/top1".to_string())),
+            Some(&(top1 as f32)),
+            "epoch {epoch}"
+        );
+        assert!(
+            csv.lines().any(|l| l.starts_with(&format!("{epoch},"))
+                && l.contains(",test/top1,")
+                && l.ends_with(&format!(",{top1}"))),
+            "epoch {epoch} top1 {top1} in\n{csv}"
+        );
+    }
+    let log = std::fs::read_to_string(run.join("train.log")).unwrap();
+    assert!(log.contains("epoch 4/4"), "{log}");
+    assert!(!log.contains('\x1b'), "no colour codes in train.log");
+}
