@@ -12,10 +12,16 @@ use trellis_tests::*;
 
 /// Four seeds of a small MLP run, long enough (a few seconds) to be killed in the middle.
 fn config() -> String {
-    tiny("\n[[metrics]]\nuse = \"accuracy\"\n\n[log]\nsinks = [\"csv\", \"tensorboard\"]\n")
+    let extra = "\n[[metrics]]\nuse = \"accuracy\"\n\n[[metrics]]\nuse = \"loss\"\nevery = 3\n\n\
+                 [log]\nsinks = [\"csv\", \"tensorboard\"]\n";
+    tiny(extra)
         .replace("train_size = 200", "train_size = 3000")
         .replace("epochs = 1", "epochs = 4")
         .replace("hidden = [32]", "hidden = [256, 256]")
+        .replace(
+            "device = \"cpu\"",
+            "device = \"cpu\"\nkeep = \"best\"\nbest_metric = \"top1\"",
+        )
 }
 
 const SWEEP: &str = "config = \"run.toml\"\n\n[grid]\n\"train.seed\" = [0, 1, 2, 3]\n";
@@ -217,6 +223,27 @@ fn a_killed_sweep_resumes_to_its_runs_alone_and_slurm_and_report_agree() {
             "epoch {epoch} top1 {top1} in\n{csv}"
         );
     }
+    // `every = 3`: the loss metric at epoch 3 and at the last epoch only.
+    let with_loss: Vec<i64> = records
+        .iter()
+        .filter(|r| r["test"].get("loss").is_some())
+        .map(|r| r["epoch"].as_i64().unwrap())
+        .collect();
+    assert_eq!(with_loss, [3, 4]);
+    // keep = "best": the epoch of the highest top-1 (the first of equals), its model kept.
+    let best: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("best.json")).unwrap()).unwrap();
+    let top1 = |r: &serde_json::Value| r["test"]["top1"].as_f64().unwrap();
+    let best_record = records
+        .iter()
+        .fold(None::<&serde_json::Value>, |b, r| match b {
+            Some(b) if top1(b) >= top1(r) => Some(b),
+            _ => Some(r),
+        })
+        .unwrap();
+    assert_eq!(best["epoch"], best_record["epoch"], "{best}");
+    assert_eq!(best["value"].as_f64(), Some(top1(best_record)));
+    assert!(run.join("model_best.safetensors").is_file());
     let log = std::fs::read_to_string(run.join("train.log")).unwrap();
     assert!(log.contains("epoch 4/4"), "{log}");
     assert!(!log.contains('\x1b'), "no colour codes in train.log");
