@@ -446,6 +446,7 @@ impl LoadedConfig {
                 None,
             ));
         }
+        self.validate_data()?;
         if let ModelSpec::Builtin(model) = &c.model {
             self.check_model_fits(model)?;
             let single_logit = model.outputs == Some(1);
@@ -478,6 +479,41 @@ impl LoadedConfig {
         }
         self.validate_every()?;
         self.validate_keep()
+    }
+
+    /// `channels` and `image_size` say how to decode an image folder; every other source has
+    /// one fixed shape, so there they would be ignored, silently.
+    fn validate_data(&self) -> Result<()> {
+        let d = &self.config.data;
+        let key = |k: &'static str| [Seg::Key("data"), Seg::Key(k)];
+        for (name, set) in [("channels", d.channels), ("image_size", d.image_size)] {
+            if set.is_some() && d.source != crate::data::Source::ImageFolder {
+                return Err(self.error_at(
+                    &key(name),
+                    &format!(
+                        "data.{name} is used only with source = \"image_folder\"; {} images \
+                         have one fixed shape",
+                        d.source.in_words()
+                    ),
+                    Some(&format!("remove `{name}`")),
+                ));
+            }
+        }
+        if d.channels.is_some_and(|c| c != 1 && c != 3) {
+            return Err(self.error_at(
+                &key("channels"),
+                "data.channels must be 1 (grey) or 3 (RGB)",
+                None,
+            ));
+        }
+        if d.image_size.is_some_and(|s| !(4..=1024).contains(&s)) {
+            return Err(self.error_at(
+                &key("image_size"),
+                "data.image_size must be between 4 and 1024 pixels",
+                None,
+            ));
+        }
+        Ok(())
     }
 
     fn validate_every(&self) -> Result<()> {
@@ -520,7 +556,7 @@ impl LoadedConfig {
     /// Refuses, before anything is read or created, a built-in model the machine cannot train
     /// (`model.width = 64` is 46 billion parameters for resnet18).
     fn check_model_fits(&self, model: &crate::models::ModelConfig) -> Result<()> {
-        let (classes, channels, side) = self.config.data.shape();
+        let (classes, channels, side) = self.config.data.shape(&self.dir());
         let device = match self.config.train.device {
             DeviceChoice::Cpu => tch::Device::Cpu,
             DeviceChoice::Cuda => tch::Device::Cuda(0),
@@ -1153,6 +1189,31 @@ momentum = 0.9
         let (_d, path) = write(&pruner("compression = 2"));
         let c = LoadedConfig::load(&path, &[]).unwrap();
         assert!((c.config.pruner.unwrap().density().unwrap() - 0.01).abs() < 1e-12);
+    }
+
+    #[test]
+    fn image_shape_keys_belong_to_the_image_folder() {
+        let table = |body: &str| format!("{BASE}\n[data]\n{body}\n");
+        let e = err(&table("channels = 1"), &[]);
+        assert!(
+            e.contains("only with source = \"image_folder\"") && e.contains(":14:"),
+            "{e}"
+        );
+        let e = err(&table("source = \"fashion_mnist\"\nimage_size = 28"), &[]);
+        assert!(
+            e.contains("Fashion-MNIST images") && e.contains(":15:"),
+            "{e}"
+        );
+        let e = err(&table("source = \"image_folder\"\nchannels = 2"), &[]);
+        assert!(
+            e.contains("1 (grey) or 3 (RGB)") && e.contains(":15:"),
+            "{e}"
+        );
+        let e = err(&table("source = \"image_folder\"\nimage_size = 2"), &[]);
+        assert!(
+            e.contains("between 4 and 1024") && e.contains(":15:"),
+            "{e}"
+        );
     }
 
     #[test]

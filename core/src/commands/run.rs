@@ -62,7 +62,6 @@ use trellis_sdk::{EpochInfo, Role};
 use crate::best::KeepBest;
 use crate::checkpoint::{self, Record};
 use crate::config::LoadedConfig;
-use crate::data::Source;
 use crate::plugin_host::Registry;
 use crate::prune;
 use crate::report::{summary_table, table_map, EpochRecord, MetricsLog, Progress};
@@ -232,7 +231,7 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary> {
         c.model.name(),
         thousands(model.net().num_parameters()),
         train_data.len(),
-        source_in_words(c.data.source),
+        c.data.source.in_words(),
         test_data.len(),
         count(epochs, "epoch"),
         if start_epoch > 0 {
@@ -643,14 +642,6 @@ fn thousands(n: i64) -> String {
         out.insert(0, '-');
     }
     out
-}
-
-fn source_in_words(source: Source) -> &'static str {
-    match source {
-        Source::Synthetic => "synthetic",
-        Source::Cifar10 => "CIFAR-10",
-        Source::Cifar100 => "CIFAR-100",
-    }
 }
 
 fn device_in_words(device: Device) -> String {

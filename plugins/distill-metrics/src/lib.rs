@@ -504,6 +504,9 @@ pub fn hue_matrix(turns: f64) -> [[f64; 3]; 3] {
 }
 
 fn grayscale(pixels: &Tensor) -> Tensor {
+    if pixels.size()[1] == 1 {
+        return pixels.shallow_clone();
+    }
     let luma = Tensor::from_slice(&LUMA)
         .to_kind(pixels.kind())
         .to_device(pixels.device())
@@ -514,13 +517,15 @@ fn grayscale(pixels: &Tensor) -> Tensor {
 /// Colour jitter of RGB pixels in [0, 1], `[B, 3, H, W]`, one [`Jitter`] per image, in a fixed
 /// order (torchvision shuffles it per call): brightness (scale towards black), contrast (blend
 /// with the image's mean grey), saturation (blend with the per-pixel grey), hue (see
-/// [`hue_matrix`]); each result is clipped to [0, 1] as torchvision does.
+/// [`hue_matrix`]); each result is clipped to [0, 1] as torchvision does. Grey images
+/// (`[B, 1, H, W]`) get brightness and contrast only: torchvision leaves their saturation and
+/// hue unchanged.
 pub fn colour_jitter(pixels: &Tensor, jitters: &[Jitter]) -> Result<Tensor> {
     let size = pixels.size();
-    if size.len() != 4 || size[1] != 3 || size[0] != jitters.len() as i64 {
+    if size.len() != 4 || ![1, 3].contains(&size[1]) || size[0] != jitters.len() as i64 {
         return Err(Error::msg(format!(
-            "colour jitter needs RGB images [B, 3, H, W] and one jitter per image, got {size:?} and \
-             {} jitters",
+            "colour jitter needs RGB or grey images [B, 3 or 1, H, W] and one jitter per image, \
+             got {size:?} and {} jitters",
             jitters.len()
         )));
     }
@@ -539,6 +544,9 @@ pub fn colour_jitter(pixels: &Tensor, jitters: &[Jitter]) -> Result<Tensor> {
     let x = (pixels * per_image(|j| j.brightness)).clamp(0.0, 1.0);
     let mean_grey = grayscale(&x).mean_dim([1i64, 2, 3].as_slice(), true, kind);
     let x = blend(&x, &mean_grey, &per_image(|j| j.contrast));
+    if size[1] == 1 {
+        return Ok(x);
+    }
     let x = blend(&x, &grayscale(&x), &per_image(|j| j.saturation));
     let matrices: Vec<f64> = jitters
         .iter()
@@ -961,6 +969,23 @@ mod tests {
             ..Jitter::IDENTITY
         };
         assert!(close(&jitter(flat), &pixels(&[g0, g0, g0, g1, g1, g1])));
+    }
+
+    #[test]
+    fn colour_jitter_of_grey_images_is_brightness_and_contrast_only() {
+        // One image of two grey pixels, 0.2 and 0.6 (mean 0.4).
+        let x = Tensor::from_slice(&[0.2f32, 0.6]).view([1, 1, 1, 2]);
+        let j = Jitter {
+            brightness: 1.5,
+            contrast: 0.5,
+            saturation: 0.0,
+            hue: 0.3,
+        };
+        // Brightness: 0.3, 0.9 (mean 0.6); contrast 0.5 halves the distance to the mean.
+        let expected = Tensor::from_slice(&[0.45f32, 0.75]).view([1, 1, 1, 2]);
+        assert!(close(&colour_jitter(&x, &[j]).unwrap(), &expected));
+        let two = Tensor::zeros([1, 2, 1, 1], (Kind::Float, Device::Cpu));
+        assert!(colour_jitter(&two, &[j]).is_err());
     }
 
     #[test]
