@@ -195,7 +195,9 @@ fn resume_difference(manifest: &Path, role: Role, name: &str) -> Option<String> 
         let out = trellis(dir.path(), &all);
         assert!(
             out.status.success(),
-            "{role} {name}: trellis {all:?} failed:\n{}",
+            "{role} {name}: trellis {all:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+            out.status,
+            stdout(&out),
             stderr(&out)
         );
     };
