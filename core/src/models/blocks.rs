@@ -98,24 +98,48 @@ pub(crate) struct Conv2d {
 
 impl Conv2d {
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        let (x, stride) =
+            strided_pointwise_as_subsampling(x, &self.weight, self.stride, self.padding);
         let conv = |x: &Tensor, weight: &Tensor, bias: Option<&Tensor>| {
             x.conv2d(
                 weight,
                 bias,
-                [self.stride, self.stride],
+                [stride, stride],
                 [self.padding, self.padding],
                 [1, 1],
                 1,
             )
         };
         match autocast_kind() {
-            None => conv(x, &self.weight, self.bias.as_ref()),
+            None => conv(&x, &self.weight, self.bias.as_ref()),
             Some(kind) => conv(
                 &x.to_kind(kind),
                 &self.weight.to_kind(kind),
                 self.bias.as_ref().map(|b| b.to_kind(kind)).as_ref(),
             ),
         }
+    }
+}
+
+/// A 1×1 convolution with stride s and no padding reads every s-th pixel, so on the CPU it runs as
+/// that subsampling followed by a stride-1 convolution: the same outputs and gradients. The
+/// reason is a libtorch 2.11 bug, not speed: oneDNN's AVX2 kernel for the weight gradient of a
+/// strided 1×1 convolution over fewer than 8 input channels writes past its buffer (heap
+/// corruption, then a crash: `F.conv2d(x, w, None, 2)` with x channels-last 40×4×32×32 and
+/// `DNNL_MAX_CPU_ISA=AVX2` aborts PyTorch itself), which a ResNet's shortcut at width 0.0625 hits
+/// on every CPU without AVX-512.
+fn strided_pointwise_as_subsampling(
+    x: &Tensor,
+    weight: &Tensor,
+    stride: i64,
+    padding: i64,
+) -> (Tensor, i64) {
+    let pointwise = weight.size()[2..] == [1, 1];
+    if pointwise && stride > 1 && padding == 0 && x.device() == tch::Device::Cpu {
+        let every = |x: Tensor, dim| x.slice(dim, 0, None, stride);
+        (every(every(x.shallow_clone(), 2), 3), 1)
+    } else {
+        (x.shallow_clone(), stride)
     }
 }
 
