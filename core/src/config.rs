@@ -262,6 +262,10 @@ pub struct PrunerConfig {
     pub compression: Option<f64>,
     #[serde(default)]
     pub scope: ScopeChoice,
+    /// How many weights the density prunes. The host checks the masks by it and, when it is
+    /// `floor`, passes it on to the pruner as its `count` key (a pruner without one refuses it).
+    #[serde(default, skip_serializing_if = "CountChoice::is_default")]
+    pub count: CountChoice,
     /// 0 prunes at initialisation; N prunes after N training iterations.
     #[serde(default)]
     pub at_step: u64,
@@ -291,6 +295,32 @@ pub enum ScopeChoice {
     #[default]
     Global,
     Layer,
+}
+
+/// `[pruner] count`: k = round((1 − d)·N) weights pruned (exact to the density asked for), or
+/// Synaptic-Flow's ⌊(1 − d)·N⌋ to reproduce its masks.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CountChoice {
+    #[default]
+    Round,
+    Floor,
+}
+
+impl CountChoice {
+    pub fn is_default(&self) -> bool {
+        *self == CountChoice::Round
+    }
+
+    /// How many of `n` weights density `density` prunes.
+    pub fn pruned(self, density: f64, n: i64) -> i64 {
+        let k = (1.0 - density) * n as f64;
+        let k = match self {
+            CountChoice::Round => k.round(),
+            CountChoice::Floor => k.floor(),
+        };
+        (k as i64).clamp(0, n)
+    }
 }
 
 /// Where a component's table sits in the file, for pointing at its keys.

@@ -11,16 +11,13 @@ use anyhow::{anyhow, bail, Context, Result};
 use tch::{Device, Tensor};
 use trellis_sdk::{Batch, Host, Model, PruneRequest, Pruner, Role, Scope, Table};
 
-use crate::config::{component_text, LoadedConfig, PrunerConfig, ScopeChoice, TablePath};
+use crate::config::{
+    component_text, CountChoice, LoadedConfig, PrunerConfig, ScopeChoice, TablePath,
+};
 use crate::data;
 use crate::plugin_host::Registry;
 use crate::services::{ModelView, RunHost, RunState};
 use crate::source::Seg;
-
-/// k = round((1 − d)·N): the weights a density prunes, exactly as the pruner plugins count them.
-pub fn pruned_count(density: f64, n: i64) -> i64 {
-    (((1.0 - density) * n as f64).round() as i64).clamp(0, n)
-}
 
 /// Where the masks come from.
 enum MaskSource {
@@ -125,6 +122,7 @@ pub struct Pruning {
     /// The density to reach; `None` when masks come from a file without a target.
     target: Option<f64>,
     scope: Scope,
+    count: CountChoice,
     samples_per_class: usize,
     batches: usize,
     pub masks: Option<Masks>,
@@ -183,7 +181,7 @@ impl Pruning {
                 .map_err(sdk_error)?
             {
                 let n = param.tensor.numel() as i64;
-                if pruned_count(d, n) == n {
+                if p.count.pruned(d, n) == n {
                     let key = target_key(p);
                     return Err(cfg.error_at(
                         &at(key),
@@ -216,7 +214,11 @@ impl Pruning {
                 if !registry.provides(Role::Pruner, name) {
                     return Err(cfg.use_error(&table, &registry.unknown(Role::Pruner, name)));
                 }
-                let text = component_text(&p.options)?;
+                let mut options = p.options.clone();
+                if p.count == CountChoice::Floor {
+                    options.insert("count".into(), "floor".into());
+                }
+                let text = component_text(&options)?;
                 let pruner = registry
                     .create(Role::Pruner, name, &text, Host::new(host.clone()))
                     .map_err(|e| cfg.component_error(&table, e))?
@@ -245,6 +247,7 @@ impl Pruning {
             at_step: p.at_step,
             target,
             scope,
+            count: p.count,
             samples_per_class: p.samples_per_class,
             batches: p.batches,
             masks: None,
@@ -350,11 +353,15 @@ impl Pruning {
                 .collect(),
         };
         for (what, kept, total) in groups {
-            let expected = total - pruned_count(d, total);
+            let expected = total - self.count.pruned(d, total);
             if kept != expected {
                 bail!(
                     "{origin} kept {kept} of {total} weights of {what}, but density {d} keeps exactly \
-                     {expected} (k = round((1 − d)·N) pruned, ties broken by position)"
+                     {expected} (k = {}((1 − d)·N) pruned, ties broken by position)",
+                    match self.count {
+                        CountChoice::Round => "round",
+                        CountChoice::Floor => "floor",
+                    }
                 );
             }
         }
@@ -681,6 +688,7 @@ mod tests {
             at_step: 0,
             target: Some(0.5),
             scope,
+            count: CountChoice::Round,
             samples_per_class: 1,
             batches: 1,
             masks: None,
@@ -709,6 +717,27 @@ mod tests {
             .check_density(&off_by_one, "pruner x")
             .unwrap_err();
         assert!(format!("{e}").contains("kept 13 of 28"), "{e}");
+
+        // count = "floor" at density 0.51 prunes ⌊0.49 · 28⌋ = 13, where round prunes 14.
+        let floor = || Pruning {
+            target: Some(0.51),
+            count: CountChoice::Floor,
+            ..pruning(Scope::Global)
+        };
+        // (The off-by-one mask above shares its storage, so start again from 14 pruned.)
+        let masks = ones_masks();
+        let _ = masks[0].1.view(-1).narrow(0, 0, 8).fill_(0.0);
+        let _ = masks[1].1.view(-1).narrow(0, 0, 6).fill_(0.0);
+        let checked = checked_masks(&model, masks, "pruner x", 0).unwrap();
+        let e = floor().check_density(&checked, "pruner x").unwrap_err();
+        assert!(
+            format!("{e}").contains("kept 14 of 28") && format!("{e}").contains("exactly 15"),
+            "{e}"
+        );
+        let masks = checked.tensors();
+        let _ = masks[0].1.view(-1).narrow(0, 7, 1).fill_(1.0);
+        let thirteen_pruned = checked_masks(&model, masks, "pruner x", 0).unwrap();
+        floor().check_density(&thirteen_pruned, "pruner x").unwrap();
 
         // Weights and gradients of pruned entries go to exactly zero.
         let weight = model.prunable_parameters().unwrap()[0]

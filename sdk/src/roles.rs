@@ -172,7 +172,8 @@ pub struct PruneRequest {
     /// Fraction of prunable weights to keep, in `[0, 1]` (`[pruner] density`, or derived from
     /// `sparsity` or `compression`). Exactly `round((1 - density) * N)` of `N` weights must be
     /// pruned: `N` all prunable weights together, or each prunable weight tensor's own, as
-    /// [`scope`](PruneRequest::scope) says.
+    /// [`scope`](PruneRequest::scope) says. A run with `[pruner] count = "floor"` passes the
+    /// pruner `count = "floor"` among its own keys, and then `floor((1 - density) * N)` must be.
     pub density: f64,
     /// Whether the density holds over all prunable weights or in every layer.
     pub scope: Scope,

@@ -13,7 +13,7 @@
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
-use trellis_pai_common::{self as pai, BnMode};
+use trellis_pai_common::{self as pai, BnMode, Count};
 use trellis_sdk::{
     Component, Error, Host, Model, Plugin, PruneRequest, PruneResult, Pruner, Result,
 };
@@ -27,6 +27,8 @@ pub struct GraspConfig {
     pub temperature: f64,
     /// Added to |Σ score| before normalising, so an exactly balanced sum does not divide by 0.
     pub eps: f64,
+    /// `round` (k = round((1 − d)·N), the default) or `floor` (Synaptic-Flow's ⌊(1 − d)·N⌋).
+    pub count: Count,
 }
 
 impl Default for GraspConfig {
@@ -35,6 +37,7 @@ impl Default for GraspConfig {
             bn_mode: BnMode::Eval,
             temperature: 200.0,
             eps: 1e-10,
+            count: Count::Round,
         }
     }
 }
@@ -121,7 +124,7 @@ impl Pruner for Grasp {
         let params = pai::prunable(&model)?;
         let scores = grasp_scores(&model, &request, &self.config)?;
         // Lowest scores pruned: the shared threshold keeps the highest.
-        pai::one_shot(&params, scores, &request)
+        pai::one_shot(&params, scores, &request, self.config.count)
     }
 }
 

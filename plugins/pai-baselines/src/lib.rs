@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
-use trellis_pai_common::{self as pai, BnMode};
+use trellis_pai_common::{self as pai, BnMode, Count};
 use trellis_sdk::{
     bail, Component, Error, Host, Model, Param, Plugin, PruneRequest, PruneResult, Pruner, Result,
     Scope,
@@ -20,6 +20,8 @@ pub struct SynFlowConfig {
     pub rounds: usize,
     /// Score in float64: R reaches about 1e28 on a Kaiming-initialised ResNet18.
     pub float64: bool,
+    /// `round` (k = round((1 − d)·N), the default) or `floor` (Synaptic-Flow's ⌊(1 − d)·N⌋).
+    pub count: Count,
 }
 
 impl Default for SynFlowConfig {
@@ -27,6 +29,7 @@ impl Default for SynFlowConfig {
         SynFlowConfig {
             rounds: 100,
             float64: true,
+            count: Count::Round,
         }
     }
 }
@@ -102,6 +105,7 @@ fn synflow_rounds(
     input_shape: &[i64],
     density: f64,
     scope: Scope,
+    count: Count,
     rounds: usize,
 ) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
     let kind = params[0].tensor.kind();
@@ -143,7 +147,7 @@ fn synflow_rounds(
                 .map(|(g, p)| g.f_mul(&p.tensor.f_detach()?)?.f_abs())
                 .collect::<Result<_, _>>()?;
             let density = density.powf(round as f64 / rounds as f64);
-            masks = pai::masks_from_scores(params, &scores, density, scope, Some(&masks))?
+            masks = pai::masks_from_scores(params, &scores, density, scope, count, Some(&masks))?
                 .into_iter()
                 .map(|(_, m)| m)
                 .collect();
@@ -190,6 +194,7 @@ impl Pruner for SynFlow {
                     &input_shape,
                     request.density,
                     request.scope,
+                    self.config.count,
                     self.config.rounds,
                 );
                 linearised.restore()?;
@@ -217,20 +222,27 @@ impl Pruner for SynFlow {
 
 /// Magnitude (SF): score = |w|, one global threshold.
 pub struct Magnitude {
+    count: Count,
     host: Host,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
-pub struct MagnitudeConfig {}
+pub struct MagnitudeConfig {
+    /// `round` (k = round((1 − d)·N), the default) or `floor` (Synaptic-Flow's ⌊(1 − d)·N⌋).
+    pub count: Count,
+}
 
 impl Component for Magnitude {
     const NAME: &'static str = "magnitude";
     const DESCRIPTION: &'static str = "prune the weights of smallest magnitude |w|";
     type Config = MagnitudeConfig;
 
-    fn new(_config: MagnitudeConfig, host: Host) -> Result<Self> {
-        Ok(Magnitude { host })
+    fn new(config: MagnitudeConfig, host: Host) -> Result<Self> {
+        Ok(Magnitude {
+            count: config.count,
+            host,
+        })
     }
 }
 
@@ -242,7 +254,7 @@ impl Pruner for Magnitude {
             .iter()
             .map(|p| p.tensor.f_detach()?.f_abs())
             .collect::<Result<_, _>>()?;
-        pai::one_shot(&params, scores, &request)
+        pai::one_shot(&params, scores, &request, self.count)
     }
 }
 
@@ -254,6 +266,8 @@ pub struct RandomConfig {
     /// Seed of the noise; the run's seed when absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
+    /// `round` (k = round((1 − d)·N), the default) or `floor` (Synaptic-Flow's ⌊(1 − d)·N⌋).
+    pub count: Count,
 }
 
 /// Random (SF): score = standard normal noise, one global threshold. The noise comes from its
@@ -261,6 +275,7 @@ pub struct RandomConfig {
 /// libtorch's global generator the run has used before pruning.
 pub struct Random {
     seed: u64,
+    count: Count,
     host: Host,
 }
 
@@ -272,6 +287,7 @@ impl Component for Random {
     fn new(config: RandomConfig, host: Host) -> Result<Self> {
         Ok(Random {
             seed: config.seed.unwrap_or_else(|| host.seed()),
+            count: config.count,
             host,
         })
     }
@@ -329,7 +345,7 @@ impl Pruner for Random {
             );
             offset += n;
         }
-        pai::one_shot(&params, scores, &request)
+        pai::one_shot(&params, scores, &request, self.count)
     }
 }
 
@@ -411,6 +427,7 @@ mod tests {
             SynFlowConfig {
                 rounds: 1,
                 float64: true,
+                count: Count::Round,
             },
             net.host(),
         )
@@ -431,6 +448,7 @@ mod tests {
             SynFlowConfig {
                 rounds: 1,
                 float64: true,
+                count: Count::Round,
             },
             net.host(),
         )
@@ -463,6 +481,7 @@ mod tests {
             SynFlowConfig {
                 rounds: 3,
                 float64: true,
+                count: Count::Round,
             },
             net.host(),
         )
@@ -482,7 +501,7 @@ mod tests {
                 .map(|(s, k)| if *k == 0.0 { f64::NEG_INFINITY } else { *s })
                 .collect();
             let d = density.powf(round as f64 / 3.0);
-            let k = pai::prune_count(d, 10) as usize;
+            let k = Count::Round.pruned(d, 10) as usize;
             for i in tiny::lowest_positions(&ranked, k) {
                 keep[i] = 0.0;
             }
@@ -522,7 +541,7 @@ mod tests {
     #[test]
     fn magnitude_prunes_the_smallest_absolute_weights() {
         let net = tiny::tiny();
-        let result = Magnitude::new(MagnitudeConfig {}, net.host())
+        let result = Magnitude::new(MagnitudeConfig::default(), net.host())
             .unwrap()
             .prune(request(0.3))
             .unwrap();
@@ -553,10 +572,16 @@ mod tests {
 
         let net = tiny::tiny();
         let prune = |seed: Option<u64>| {
-            Random::new(RandomConfig { seed }, net.host())
-                .unwrap()
-                .prune(request(0.4))
-                .unwrap()
+            Random::new(
+                RandomConfig {
+                    seed,
+                    ..Default::default()
+                },
+                net.host(),
+            )
+            .unwrap()
+            .prune(request(0.4))
+            .unwrap()
         };
         let result = prune(Some(7));
         assert_close(&scores_of(&result), &noise[..10], 1e-12);

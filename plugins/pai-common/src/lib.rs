@@ -1,5 +1,6 @@
 //! What the pruning-at-initialisation plugins share (METHODS.md section 0): the prunable set,
-//! the exact threshold (prune exactly k = round((1 − d)·N) weights, ties broken by position),
+//! the exact threshold (prune exactly k = round((1 − d)·N) weights, or Synaptic-Flow's ⌊(1 − d)·N⌋
+//! with `count = "floor"`, ties broken by position),
 //! masks and per-layer densities, the scoring loss and its gradients, and the BatchNorm mode
 //! data-dependent scores are computed in.
 //!
@@ -23,9 +24,28 @@ pub fn prunable(model: &Model) -> Result<Vec<Param>> {
     Ok(params)
 }
 
-/// k = round((1 − d)·N): how many of `n` weights density `density` prunes.
-pub fn prune_count(density: f64, n: i64) -> i64 {
-    (((1.0 - density) * n as f64).round() as i64).clamp(0, n)
+/// How many of N weights a density prunes (`[pruner] count`, a host key the host passes on).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Count {
+    /// k = round((1 − d)·N): the density reported is the nearest one to the density asked for.
+    #[default]
+    Round,
+    /// k = ⌊(1 − d)·N⌋, Synaptic-Flow's `int((1.0 - sparsity) * numel)` on the same float product:
+    /// one weight per threshold fewer at most, which SynFlow's 100 rounds compound.
+    Floor,
+}
+
+impl Count {
+    /// How many of `n` weights density `density` prunes.
+    pub fn pruned(self, density: f64, n: i64) -> i64 {
+        let k = (1.0 - density) * n as f64;
+        let k = match self {
+            Count::Round => k.round(),
+            Count::Floor => k.floor(),
+        };
+        (k as i64).clamp(0, n)
+    }
 }
 
 /// Refuses a request a pruner cannot honour, naming the method.
@@ -75,6 +95,7 @@ pub fn masks_from_scores(
     scores: &[Tensor],
     density: f64,
     scope: Scope,
+    count: Count,
     previous: Option<&[Tensor]>,
 ) -> Result<Vec<(String, Tensor)>> {
     if !(density.is_finite() && (0.0..=1.0).contains(&density)) {
@@ -125,7 +146,7 @@ pub fn masks_from_scores(
                     .collect::<Result<_>>()?;
                 let _ = flat.f_masked_fill_(&Tensor::f_cat(&before, 0)?, f64::NEG_INFINITY)?;
             }
-            let k = prune_count(density, flat.numel() as i64);
+            let k = count.pruned(density, flat.numel() as i64);
             let sizes: Vec<i64> = ranks.iter().map(|r| r.numel() as i64).collect();
             lowest_k(&flat, k)?.f_split_with_sizes(&sizes, 0)?
         }
@@ -137,7 +158,7 @@ pub fn masks_from_scores(
                     Some(before) => rank.f_masked_fill(&before, f64::NEG_INFINITY)?,
                     None => rank.shallow_clone(),
                 };
-                pruned.push(lowest_k(&rank, prune_count(density, rank.numel() as i64))?);
+                pruned.push(lowest_k(&rank, count.pruned(density, rank.numel() as i64))?);
             }
             pruned
         }
@@ -176,8 +197,9 @@ pub fn one_shot(
     params: &[Param],
     scores: Vec<Tensor>,
     request: &PruneRequest,
+    count: Count,
 ) -> Result<PruneResult> {
-    let masks = masks_from_scores(params, &scores, request.density, request.scope, None)?;
+    let masks = masks_from_scores(params, &scores, request.density, request.scope, count, None)?;
     Ok(PruneResult {
         masks,
         scores: named(params, scores),
@@ -346,7 +368,8 @@ mod tests {
             Tensor::from_slice(&[1.0f32, 0.5, 3.0, 1.0]).view([2, 2]),
             Tensor::from_slice(&[1.0f32, 1.0, 1.0]).view([3, 1]),
         ];
-        let masks = masks_from_scores(&params, &scores, 0.5, Scope::Global, None).unwrap();
+        let masks =
+            masks_from_scores(&params, &scores, 0.5, Scope::Global, Count::Round, None).unwrap();
         assert_eq!(flat(&masks[0].1), [0.0, 0.0, 1.0, 0.0]);
         assert_eq!(flat(&masks[1].1), [0.0, 1.0, 1.0]);
         assert_eq!(masks[1].1.size(), [3, 1]);
@@ -367,10 +390,12 @@ mod tests {
             Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]),
             Tensor::from_slice(&[10.0f32, 40.0, 30.0, 20.0]),
         ];
-        let masks = masks_from_scores(&params, &scores, 0.5, Scope::Layer, None).unwrap();
+        let masks =
+            masks_from_scores(&params, &scores, 0.5, Scope::Layer, Count::Round, None).unwrap();
         assert_eq!(flat(&masks[0].1), [0.0, 0.0, 1.0, 1.0]);
         assert_eq!(flat(&masks[1].1), [0.0, 1.0, 1.0, 0.0]);
-        let global = masks_from_scores(&params, &scores, 0.5, Scope::Global, None).unwrap();
+        let global =
+            masks_from_scores(&params, &scores, 0.5, Scope::Global, Count::Round, None).unwrap();
         assert_eq!(flat(&global[0].1), [0.0; 4]);
         assert_eq!(flat(&global[1].1), [1.0; 4]);
     }
@@ -380,22 +405,50 @@ mod tests {
         let params = [param("a.weight", &[0.0; 4], &[4])];
         let scores = [Tensor::from_slice(&[9.0f32, 1.0, 2.0, 3.0])];
         let previous = [Tensor::from_slice(&[0.0f32, 1.0, 1.0, 1.0])];
-        let masks =
-            masks_from_scores(&params, &scores, 0.5, Scope::Global, Some(&previous)).unwrap();
+        let masks = masks_from_scores(
+            &params,
+            &scores,
+            0.5,
+            Scope::Global,
+            Count::Round,
+            Some(&previous),
+        )
+        .unwrap();
         assert_eq!(flat(&masks[0].1), [0.0, 0.0, 1.0, 1.0]);
     }
 
     #[test]
     fn densities_and_counts_follow_the_convention() {
-        assert_eq!(prune_count(0.1, 1000), 900);
-        assert_eq!(prune_count(0.02, 11_164_352), 10_941_065);
-        assert_eq!(prune_count(1.0, 7), 0);
-        assert_eq!(prune_count(0.0, 7), 7);
+        let round = |d, n| Count::Round.pruned(d, n);
+        assert_eq!(round(0.1, 1000), 900);
+        assert_eq!(round(0.02, 11_164_352), 10_941_065);
+        assert_eq!(round(1.0, 7), 0);
+        assert_eq!(round(0.0, 7), 7);
         let params = [param("a.weight", &[0.0; 10], &[10])];
         let scores = [Tensor::arange(10, (Kind::Float, Device::Cpu))];
         for (d, kept) in [(0.0, 0), (0.25, 2), (0.3, 3), (1.0, 10)] {
-            let masks = masks_from_scores(&params, &scores, d, Scope::Global, None).unwrap();
+            let masks =
+                masks_from_scores(&params, &scores, d, Scope::Global, Count::Round, None).unwrap();
             assert_eq!(densities(&masks)[0].kept, kept, "density {d}");
+        }
+    }
+
+    #[test]
+    fn floor_count_prunes_synaptic_flows_number() {
+        let floor = |d, n| Count::Floor.pruned(d, n);
+        assert_eq!(floor(0.25, 10), 7);
+        assert_eq!(floor(0.02, 11_164_352), 10_941_064);
+        // SF's int((1.0 - 0.9) * 10) is int(0.9999999999999998) = 0, and so is this.
+        assert_eq!(floor(0.9, 10), 0);
+        assert_eq!(floor(0.0, 7), 7);
+        let params = [param("a.weight", &[0.0; 10], &[10])];
+        let scores = [Tensor::arange(10, (Kind::Float, Device::Cpu))];
+        for (count, kept) in [(Count::Round, 2), (Count::Floor, 3)] {
+            for scope in [Scope::Global, Scope::Layer] {
+                let masks = masks_from_scores(&params, &scores, 0.25, scope, count, None).unwrap();
+                assert_eq!(flat(&masks[0].1)[..7], [0.0; 7][..], "{count:?} {scope:?}");
+                assert_eq!(densities(&masks)[0].kept, kept, "{count:?} {scope:?}");
+            }
         }
     }
 
@@ -407,6 +460,7 @@ mod tests {
             &[Tensor::from_slice(&[f32::NAN, 1.0])],
             0.5,
             Scope::Global,
+            Count::Round,
             None,
         )
         .unwrap_err();
@@ -419,6 +473,7 @@ mod tests {
             &[Tensor::from_slice(&[1.0f32, 2.0, 3.0])],
             0.5,
             Scope::Global,
+            Count::Round,
             None,
         )
         .unwrap_err();

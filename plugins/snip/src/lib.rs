@@ -10,7 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
-use trellis_pai_common::{self as pai, BnMode};
+use trellis_pai_common::{self as pai, BnMode, Count};
 use trellis_sdk::{Component, Host, Model, Plugin, PruneRequest, PruneResult, Pruner, Result};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -18,6 +18,8 @@ use trellis_sdk::{Component, Host, Model, Plugin, PruneRequest, PruneResult, Pru
 pub struct SnipConfig {
     /// `eval` (running statistics, SF) or `train` (batch statistics, the original code).
     pub bn_mode: BnMode,
+    /// `round` (k = round((1 − d)·N), the default) or `floor` (Synaptic-Flow's ⌊(1 − d)·N⌋).
+    pub count: Count,
 }
 
 pub struct Snip {
@@ -58,7 +60,7 @@ impl Pruner for Snip {
         let model = self.host.model()?;
         let params = pai::prunable(&model)?;
         let scores = snip_scores(&model, &request, self.config.bn_mode)?;
-        pai::one_shot(&params, scores, &request)
+        pai::one_shot(&params, scores, &request, self.config.count)
     }
 }
 
@@ -75,7 +77,14 @@ mod tests {
     use trellis_pai_common::testing::{self as tiny, assert_close, request, values};
 
     fn snip(net: &tiny::Tiny, bn_mode: BnMode) -> Snip {
-        Snip::new(SnipConfig { bn_mode }, net.host()).unwrap()
+        Snip::new(
+            SnipConfig {
+                bn_mode,
+                ..Default::default()
+            },
+            net.host(),
+        )
+        .unwrap()
     }
 
     #[test]

@@ -14,9 +14,31 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, TchError, Tensor};
 use trellis_sdk::{LayerKind, Model};
 
-/// TempBalance scales every kernel position's matrix by √conv_norm with conv_norm = 0.5, so
-/// that conv eigenvalues come out halved.
-const CONV_SCALE: f64 = std::f64::consts::FRAC_1_SQRT_2;
+/// The knobs of TempBalance's `net_esd_estimator`, at its defaults in [`Default`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EsdOptions {
+    pub fit: Fit,
+    /// Every kernel position's matrix is scaled by √conv_norm (0.5: conv eigenvalues halved).
+    pub conv_norm: f64,
+    /// The median fit takes xmin = λ_⌊N / xmin_pos⌋ (2: the median).
+    pub xmin_pos: f64,
+    /// Fit only the eigenvalues above 1e-5 (all of them when none is).
+    pub filter_zeros: bool,
+}
+
+impl Default for EsdOptions {
+    fn default() -> Self {
+        EsdOptions {
+            fit: Fit::Median,
+            conv_norm: 0.5,
+            xmin_pos: 2.0,
+            filter_zeros: false,
+        }
+    }
+}
+
+/// The reference's `EVALS_THRESH`: eigenvalues at or below it count as zeros for `filter_zeros`.
+pub const ZERO_EIGENVALUE: f64 = 1e-5;
 
 /// How the start of the power-law tail, xmin, is chosen.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +93,11 @@ pub fn eigenvalue_count(shape: &[i64]) -> Option<usize> {
 /// weights): on CPU, float64 takes several times longer for a change in α around 1e-6. The
 /// squares and everything after are float64.
 pub fn eigenvalues(weight: &Tensor) -> Result<Vec<f64>, TchError> {
+    eigenvalues_scaled(weight, EsdOptions::default().conv_norm)
+}
+
+/// [`eigenvalues`] with each kernel position's matrix scaled by √`conv_norm` instead of √0.5.
+pub fn eigenvalues_scaled(weight: &Tensor, conv_norm: f64) -> Result<Vec<f64>, TchError> {
     let _no_grad = tch::no_grad_guard();
     let w = weight.f_detach()?;
     let w = match w.kind() {
@@ -83,7 +110,7 @@ pub fn eigenvalues(weight: &Tensor) -> Result<Vec<f64>, TchError> {
         [out, inp, kh, kw] => w
             .f_reshape([out, inp, kh * kw])?
             .f_permute([2, 0, 1])?
-            .f_mul_scalar(CONV_SCALE)?,
+            .f_mul_scalar(conv_norm.sqrt())?,
         ref shape => {
             return Err(TchError::Shape(format!(
             "the ESD is defined for Linear (2-d) and Conv2d (4-d) weights, not for shape {shape:?}"
@@ -120,6 +147,11 @@ pub struct PowerLaw {
 /// `None` when the tail admits no fit: fewer than two eigenvalues, xmin ≤ 0, or a tail of
 /// equal values (α would be infinite). Only fits with α > 1 count for `GoodnessOfFit`.
 pub fn fit_power_law(eigs: &[f64], fit: Fit) -> Option<PowerLaw> {
+    fit_power_law_at(eigs, fit, EsdOptions::default().xmin_pos)
+}
+
+/// [`fit_power_law`] with the median fit's xmin at λ_⌊N / xmin_pos⌋ (`xmin_pos` > 1).
+pub fn fit_power_law_at(eigs: &[f64], fit: Fit, xmin_pos: f64) -> Option<PowerLaw> {
     let n_total = eigs.len();
     if n_total < 2 {
         return None;
@@ -153,7 +185,8 @@ pub fn fit_power_law(eigs: &[f64], fit: Fit) -> Option<PowerLaw> {
     };
     match fit {
         Fit::Median => {
-            let i = n_total / 2;
+            // The reference's int(N / xmin_pos); N / 2 exactly for the default.
+            let i = ((n_total as f64 / xmin_pos) as usize).min(n_total - 1);
             let alpha = alpha_at(i)?;
             Some(PowerLaw {
                 alpha,
@@ -207,11 +240,33 @@ impl LayerSpectrum {
 
 /// The ESD of a weight and its power-law fit.
 pub fn analyze(weight: &Tensor, fit: Fit) -> Result<LayerSpectrum, TchError> {
-    let eigs = eigenvalues(weight)?;
+    analyze_with(
+        weight,
+        &EsdOptions {
+            fit,
+            ..EsdOptions::default()
+        },
+    )
+}
+
+/// [`analyze`] with every knob of the reference's estimator. λ_max and the count are those of
+/// the whole ESD, as there; only the fit sees the filtered eigenvalues.
+pub fn analyze_with(weight: &Tensor, options: &EsdOptions) -> Result<LayerSpectrum, TchError> {
+    let eigs = eigenvalues_scaled(weight, options.conv_norm)?;
+    let nonzero = if options.filter_zeros {
+        let first = eigs.partition_point(|&l| l <= ZERO_EIGENVALUE);
+        if first < eigs.len() {
+            &eigs[first..]
+        } else {
+            &eigs[..]
+        }
+    } else {
+        &eigs[..]
+    };
     Ok(LayerSpectrum {
         eigenvalue_count: eigs.len(),
         spectral_norm: eigs.last().copied().unwrap_or(0.0),
-        fit: fit_power_law(&eigs, fit),
+        fit: fit_power_law_at(nonzero, options.fit, options.xmin_pos),
     })
 }
 
@@ -347,6 +402,42 @@ mod tests {
             }),
         };
         assert_eq!(spectrum.alphahat(), None, "log10(0) must not leak out");
+    }
+
+    #[test]
+    fn the_reference_estimators_knobs_change_what_they_say() {
+        // diag(1, 2, 3, 0, 0): eigenvalues 0, 0, 1, 4, 9.
+        let w = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 0.0, 0.0]).diag(0);
+        let with = |options: EsdOptions| analyze_with(&w, &options).unwrap().fit.unwrap();
+        // Median of all five: xmin = λ_2 = 1, n = 3: α = 1 + 3 / ln 36.
+        let all = with(EsdOptions::default());
+        assert!(
+            (all.alpha - (1.0 + 3.0 / 36f64.ln())).abs() < 1e-6,
+            "{all:?}"
+        );
+        // Zeros filtered: 1, 4, 9; xmin = λ_1 = 4, n = 2: α = 1 + 2 / ln(9/4).
+        let filtered = with(EsdOptions {
+            filter_zeros: true,
+            ..EsdOptions::default()
+        });
+        assert!((filtered.xmin - 4.0).abs() < 1e-5, "{filtered:?}");
+        assert!((filtered.alpha - (1.0 + 2.0 / 2.25f64.ln())).abs() < 1e-6);
+        // xmin_pos = 4 of eight: xmin = λ_2, the tail the six values from it.
+        let eigs = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+        let quarter = fit_power_law_at(&eigs, Fit::Median, 4.0).unwrap();
+        assert_eq!(quarter.xmin, 4.0);
+        let logs: f64 = eigs[2..].iter().map(|l: &f64| (l / 4.0).ln()).sum();
+        assert!((quarter.alpha - (1.0 + 6.0 / logs)).abs() < 1e-12);
+        // conv_norm scales every conv eigenvalue by conv_norm itself (√ on the matrix).
+        tch::manual_seed(3);
+        let conv = Tensor::randn([4, 3, 3, 3], (Kind::Float, tch::Device::Cpu));
+        let (half, one) = (
+            eigenvalues(&conv).unwrap(),
+            eigenvalues_scaled(&conv, 1.0).unwrap(),
+        );
+        for (h, o) in half.iter().zip(&one) {
+            assert!((o - 2.0 * h).abs() < 1e-5 * o.max(1.0), "{h} {o}");
+        }
     }
 
     #[test]

@@ -4,9 +4,13 @@
 //! 1. **Layers.** Every Conv2d and Linear layer is analysed (registration order). The first
 //!    and the last are left out (`remove_first_layer`, `remove_last_layer`), and so is every
 //!    layer with fewer than `eigs_thresh` eigenvalues. Each remaining layer is a parameter
-//!    group (weight and bias), joined by the BatchNorm that directly follows it if it is a
-//!    conv. Everything else stays in the host's `rest` group at the global rate η_t.
-//! 2. **α.** The power-law exponent of each balanced layer's ESD (`trellis-spectral`, `fit`).
+//!    group (weight and bias), joined by its BatchNorm: by name (`bn_pairing = "name"`, the
+//!    reference's default: `xbnK` pairs with `xconvK`, so a ResNet shortcut's BN is nobody's)
+//!    or the BN right after a conv (`"order"`). Everything else stays in the host's `rest`
+//!    group at the global rate η_t.
+//! 2. **α.** The power-law exponent of each balanced layer's ESD (`trellis-spectral`, `fit`,
+//!    `conv_norm`, `xmin_pos`, `filter_zeros`), or its `alphahat` or `spectral_norm` (`metric`,
+//!    the paper's ablation).
 //! 3. **α → rate.** `assign = "linear"`: η_t·(s1 + (s2 − s1)·(α − α_min)/(α_max − α_min)), so
 //!    the most under-trained layer (largest α) learns fastest; `sqrt`, `log2` and `step` are the
 //!    reference's other maps. s1 = `lr_min_ratio`, s2 = `lr_max_ratio`.
@@ -25,7 +29,7 @@ use trellis_sdk::{
     bail, Boundary, Component, Error, GroupSpec, Host, LayerKind, Param, Plugin, Result,
     SchedulePoint, Scheduler, State,
 };
-use trellis_spectral::{analysed_layers, analyze, eigenvalue_count, Fit};
+use trellis_spectral::{analysed_layers, analyze_with, eigenvalue_count, EsdOptions, Fit};
 
 /// How α becomes a rate factor (METHODS.md section 5; the reference's `tb_*` functions).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +44,29 @@ pub enum Assign {
     Log2,
     /// s1 + (s2 − s1)·r/n for the layer of rank r (0 = smallest α) among n.
     Step,
+}
+
+/// Which BatchNorm joins a balanced conv's group.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BnPairing {
+    /// The BN whose path, with every `bn` read as `conv`, is the conv's (`bn1` → `conv1`).
+    #[default]
+    Name,
+    /// The BN registered right after the conv.
+    Order,
+}
+
+/// The layer statistic the rates are mapped from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    #[default]
+    Alpha,
+    /// α·log10(λ_max).
+    Alphahat,
+    /// λ_max.
+    SpectralNorm,
 }
 
 /// What `every` counts.
@@ -70,6 +97,16 @@ pub struct Config {
     pub every: u64,
     /// "epoch" or "step".
     pub every_unit: Unit,
+    /// "name" (the reference's default) or "order".
+    pub bn_pairing: BnPairing,
+    /// "alpha", "alphahat" or "spectral_norm".
+    pub metric: Metric,
+    /// Every kernel position's matrix is scaled by √conv_norm before its SVD.
+    pub conv_norm: f64,
+    /// The median fit's xmin is λ_⌊N / xmin_pos⌋.
+    pub xmin_pos: f64,
+    /// Fit only eigenvalues above 1e-5.
+    pub filter_zeros: bool,
 }
 
 impl Default for Config {
@@ -84,6 +121,11 @@ impl Default for Config {
             eigs_thresh: 50,
             every: 1,
             every_unit: Unit::Epoch,
+            bn_pairing: BnPairing::Name,
+            metric: Metric::Alpha,
+            conv_norm: 0.5,
+            xmin_pos: 2.0,
+            filter_zeros: false,
         }
     }
 }
@@ -107,6 +149,24 @@ impl Config {
                 format!(
                     "lr_min_ratio ({}) exceeds lr_max_ratio ({}); the paper uses 0.5 and 1.5",
                     self.lr_min_ratio, self.lr_max_ratio
+                ),
+            ));
+        }
+        if !(self.conv_norm.is_finite() && self.conv_norm > 0.0) {
+            return Err(Error::config(
+                "conv_norm",
+                format!(
+                    "conv_norm must be > 0, got {} (the reference uses 0.5)",
+                    self.conv_norm
+                ),
+            ));
+        }
+        if !(self.xmin_pos.is_finite() && self.xmin_pos > 1.0) {
+            return Err(Error::config(
+                "xmin_pos",
+                format!(
+                    "xmin_pos must be > 1 (xmin = λ_⌊N / xmin_pos⌋; 2 is the median), got {}",
+                    self.xmin_pos
                 ),
             ));
         }
@@ -229,10 +289,8 @@ pub fn plan_groups(params: &[Param], config: &Config) -> Vec<GroupSpec> {
         .map(|position| {
             let i = analysed[position];
             let mut params = modules[i].params.clone();
-            if let Some(next) = modules.get(i + 1) {
-                if modules[i].kind == LayerKind::Conv2d && next.kind == LayerKind::BatchNorm {
-                    params.extend(next.params.iter().cloned());
-                }
+            if let Some(bn) = paired_batch_norm(&modules, i, config.bn_pairing) {
+                params.extend(bn.params.iter().cloned());
             }
             GroupSpec {
                 name: modules[i].path.clone(),
@@ -240,6 +298,19 @@ pub fn plan_groups(params: &[Param], config: &Config) -> Vec<GroupSpec> {
             }
         })
         .collect()
+}
+
+/// The BatchNorm that trains at the rate of layer `i`, if any.
+fn paired_batch_norm(modules: &[Module], i: usize, pairing: BnPairing) -> Option<&Module> {
+    let layer = &modules[i];
+    match pairing {
+        BnPairing::Name => modules
+            .iter()
+            .find(|m| m.kind == LayerKind::BatchNorm && m.path.replace("bn", "conv") == layer.path),
+        BnPairing::Order => modules
+            .get(i + 1)
+            .filter(|next| layer.kind == LayerKind::Conv2d && next.kind == LayerKind::BatchNorm),
+    }
 }
 
 pub struct TempBalance {
@@ -293,14 +364,26 @@ impl TempBalance {
             let Some(weight) = weights.get(layer) else {
                 bail!("tempbalance: the model no longer has the layer `{layer}` it balances");
             };
-            let spectrum = analyze(weight, self.config.fit)
+            let options = EsdOptions {
+                fit: self.config.fit,
+                conv_norm: self.config.conv_norm,
+                xmin_pos: self.config.xmin_pos,
+                filter_zeros: self.config.filter_zeros,
+            };
+            let spectrum = analyze_with(weight, &options)
                 .map_err(|e| Error::msg(format!("the ESD of `{layer}`: {e}")))?;
-            if spectrum.alpha().is_none() {
+            let value = match self.config.metric {
+                Metric::Alpha => spectrum.alpha(),
+                Metric::Alphahat => spectrum.alphahat(),
+                Metric::SpectralNorm => Some(spectrum.spectral_norm).filter(|v| *v > 0.0),
+            };
+            if value.is_none() {
                 tracing::warn!(
-                    "{layer}: its spectrum admits no power-law fit; it trains at the global rate"
+                    "{layer}: its spectrum admits no {:?}; it trains at the global rate",
+                    self.config.metric
                 );
             }
-            alphas.push(spectrum.alpha());
+            alphas.push(value);
         }
         self.factors = rate_factors(
             &alphas,
@@ -399,6 +482,7 @@ mod tests {
     use tch::Device;
     use trellis_sdk::testing::FakeHost;
     use trellis_sdk::{Architecture, Outputs};
+    use trellis_spectral::analyze;
 
     /// (module, kind, parameter shapes) in registration order.
     type Layout = Vec<(&'static str, LayerKind, Vec<(&'static str, Vec<i64>)>)>;
@@ -475,9 +559,13 @@ mod tests {
     /// Random weights whose spectra differ from layer to layer; the tensors are shared with
     /// the returned host, so the test can change them in place.
     fn host(seed: i64) -> (Host, Vec<(String, Tensor)>) {
+        host_of(layout(), seed)
+    }
+
+    fn host_of(layout: Layout, seed: i64) -> (Host, Vec<(String, Tensor)>) {
         tch::manual_seed(seed);
         let mut params = Vec::new();
-        for (module, kind, shapes) in layout() {
+        for (module, kind, shapes) in layout {
             for (name, shape) in shapes {
                 let t = Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu));
                 params.push((format!("{module}.{name}"), module.to_string(), kind, t));
@@ -560,6 +648,119 @@ mod tests {
         let fc = fc.last().unwrap();
         // A Linear keeps its bias and is never joined by a BatchNorm.
         assert_eq!((fc.name.as_str(), fc.params.len()), ("fc", 2));
+    }
+
+    /// A ResNet stage's first block as the CIFAR ResNet names it.
+    fn resnet_block() -> Layout {
+        let conv = |o: i64, i: i64, k: i64| vec![("weight", vec![o, i, k, k])];
+        let bn = |c: i64| vec![("weight", vec![c]), ("bias", vec![c])];
+        vec![
+            ("conv1", LayerKind::Conv2d, conv(8, 3, 3)),
+            ("bn1", LayerKind::BatchNorm, bn(8)),
+            ("layer2.0.conv1", LayerKind::Conv2d, conv(16, 8, 3)),
+            ("layer2.0.bn1", LayerKind::BatchNorm, bn(16)),
+            ("layer2.0.conv2", LayerKind::Conv2d, conv(16, 16, 3)),
+            ("layer2.0.bn2", LayerKind::BatchNorm, bn(16)),
+            ("layer2.0.shortcut.0", LayerKind::Conv2d, conv(16, 8, 1)),
+            ("layer2.0.shortcut.1", LayerKind::BatchNorm, bn(16)),
+            (
+                "linear",
+                LayerKind::Linear,
+                vec![("weight", vec![10, 16]), ("bias", vec![10])],
+            ),
+        ]
+    }
+
+    #[test]
+    fn batch_norms_pair_by_name_and_leave_the_shortcut_bn_in_rest() {
+        let (host, _) = host_of(resnet_block(), 4);
+        let params = host.model().unwrap().parameters().unwrap();
+        let config = |bn_pairing| Config {
+            bn_pairing,
+            eigs_thresh: 0,
+            ..Config::default()
+        };
+        let groups = |pairing| -> Vec<(String, Vec<String>)> {
+            plan_groups(&params, &config(pairing))
+                .into_iter()
+                .map(|g| (g.name, g.params))
+                .collect()
+        };
+        let by_name = groups(BnPairing::Name);
+        assert_eq!(
+            by_name[0],
+            (
+                "layer2.0.conv1".to_string(),
+                vec![
+                    "layer2.0.conv1.weight".to_string(),
+                    "layer2.0.bn1.weight".into(),
+                    "layer2.0.bn1.bias".into()
+                ]
+            )
+        );
+        assert_eq!(
+            by_name[1].1[1..],
+            ["layer2.0.bn2.weight", "layer2.0.bn2.bias"]
+        );
+        assert_eq!(by_name[2].0, "layer2.0.shortcut.0");
+        assert_eq!(by_name[2].1, ["layer2.0.shortcut.0.weight"]);
+        let grouped: Vec<&String> = by_name.iter().flat_map(|(_, p)| p).collect();
+        assert!(
+            !grouped.iter().any(|p| p.starts_with("layer2.0.shortcut.1")),
+            "the shortcut BN stays in rest: {by_name:?}"
+        );
+        // By order the shortcut's BN follows its conv and joins it.
+        let by_order = groups(BnPairing::Order);
+        assert_eq!(
+            by_order[2].1,
+            [
+                "layer2.0.shortcut.0.weight",
+                "layer2.0.shortcut.1.weight",
+                "layer2.0.shortcut.1.bias"
+            ]
+        );
+        assert_eq!(by_order[..2], by_name[..2]);
+    }
+
+    #[test]
+    fn the_metric_option_maps_alphahat_or_the_spectral_norm_instead_of_alpha() {
+        let rates = |metric| {
+            let (mut tb, weights) = scheduler(
+                Config {
+                    metric,
+                    ..Config::default()
+                },
+                2,
+            );
+            tb.param_groups().unwrap();
+            let rates = tb
+                .learning_rates(point(Boundary::EpochStart, 0, 0, 1.0))
+                .unwrap()
+                .unwrap();
+            (rates, weights)
+        };
+        let (by_norm, weights) = rates(Metric::SpectralNorm);
+        let norms: Vec<f64> = ["a.conv", "b.conv", "c.conv"]
+            .iter()
+            .map(|layer| {
+                let w = &weights
+                    .iter()
+                    .find(|(n, _)| *n == format!("{layer}.weight"))
+                    .unwrap()
+                    .1;
+                analyze(w, Fit::Median).unwrap().spectral_norm
+            })
+            .collect();
+        let (lo, hi) = (
+            norms.iter().copied().fold(f64::INFINITY, f64::min),
+            norms.iter().copied().fold(0.0, f64::max),
+        );
+        for (rate, norm) in by_norm.iter().zip(&norms) {
+            let expected = 0.5 + (norm - lo) / (hi - lo);
+            assert!((rate - expected).abs() < 1e-9, "{rate} vs {expected}");
+        }
+        assert_ne!(by_norm, rates(Metric::Alpha).0);
+        assert_ne!(rates(Metric::Alphahat).0, rates(Metric::Alpha).0);
     }
 
     #[test]
