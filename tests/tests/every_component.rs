@@ -2,7 +2,8 @@
 //! plugins of `examples/plugins.toml` provide, a short run stopped after its first epoch and
 //! resumed ends exactly where the uninterrupted run ends — weights bit for bit, every logged
 //! number equal. A new plugin is covered by adding it to that manifest; a component whose
-//! `state`/`load_state` misses something fails here.
+//! `state`/`load_state` misses something fails here. The same components then train on
+//! Fashion-MNIST (1×28×28, real images) where `dataset-fashion-mnist` is installed.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -62,11 +63,26 @@ fn components(role: Role) -> Vec<String> {
         .collect()
 }
 
-const BASE: &str = r#"
-[data]
-train_size = 160
-test_size = 80
+/// The `[data]` table of a run: the embedded synthetic data (3×32×32) or Fashion-MNIST (1×28×28),
+/// 16 training images per class of its 60k and the whole 10k test split.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Data {
+    Synthetic,
+    FashionMnist,
+}
 
+impl Data {
+    fn table(self) -> &'static str {
+        match self {
+            Data::Synthetic => "[data]\ntrain_size = 160\ntest_size = 80\n",
+            Data::FashionMnist => {
+                "[data]\nsource = \"fashion_mnist\"\nsubset = { per_class = 16 }\n"
+            }
+        }
+    }
+}
+
+const TRAIN: &str = r#"
 [train]
 epochs = 2
 batch_size = 40
@@ -80,15 +96,17 @@ const OPTIMIZER: &str =
     "[optimizer]\nuse = \"sgd\"\nlr = 0.05\nmomentum = 0.9\nweight_decay = 5e-4\n";
 const METRICS: &str = "[[metrics]]\nuse = \"accuracy\"\n\n[[metrics]]\nuse = \"loss\"\n";
 
-/// The teacher the distillation components compare with: a run of the base config, once.
-fn teacher() -> &'static Path {
-    static TEACHER: OnceLock<PathBuf> = OnceLock::new();
-    TEACHER.get_or_init(|| {
-        let dir = manifest().join("teacher");
+/// The teacher the distillation components compare with: a run of the base config on the same
+/// data, once.
+fn teacher(data: Data) -> &'static Path {
+    static TEACHERS: [OnceLock<PathBuf>; 2] = [OnceLock::new(), OnceLock::new()];
+    TEACHERS[data as usize].get_or_init(|| {
+        let dir = manifest().join(format!("teacher-{data:?}"));
         std::fs::create_dir_all(&dir).unwrap();
         let config = format!(
-            "plugins = \"{}\"\n{BASE}{MODEL}{OPTIMIZER}",
-            manifest().join("plugins.toml").display()
+            "plugins = \"{}\"\n{}{TRAIN}{MODEL}{OPTIMIZER}",
+            manifest().join("plugins.toml").display(),
+            data.table()
         );
         std::fs::write(dir.join("run.toml"), config).unwrap();
         assert_ok(&trellis(
@@ -100,11 +118,11 @@ fn teacher() -> &'static Path {
 }
 
 /// Keys a component needs beyond `use`, in its table.
-fn keys(role: Role, name: &str) -> String {
+fn keys(role: Role, name: &str, data: Data) -> String {
     let teacher = || {
         format!(
             "teacher = {{ arch = \"resnet18\", width = 0.0625 }}\nteacher_checkpoint = \"{}\"\n",
-            teacher().display()
+            crate::teacher(data).display()
         )
     };
     match (role, name) {
@@ -119,7 +137,7 @@ fn keys(role: Role, name: &str) -> String {
             "{}independent = {{ arch = \"resnet18\", width = 0.0625 }}\n\
              independent_checkpoint = \"{}\"\nmax_images = 16\n",
             teacher(),
-            crate::teacher().display()
+            crate::teacher(data).display()
         ),
         (Role::Metric, "ntk_alignment") => "samples = 32\n".into(),
         (Role::Model, "linearized") => "base = { arch = \"resnet18\", width = 0.0625 }\n".into(),
@@ -129,8 +147,8 @@ fn keys(role: Role, name: &str) -> String {
 }
 
 /// The run config that exercises one component on top of the base run.
-fn config(manifest: &Path, role: Role, name: &str) -> String {
-    let table = format!("use = \"{name}\"\n{}", keys(role, name));
+fn config(manifest: &Path, role: Role, name: &str, data: Data) -> String {
+    let table = format!("use = \"{name}\"\n{}", keys(role, name, data));
     let (model, optimizer, extra) = match role {
         Role::Model => (
             format!("[model]\n{table}"),
@@ -165,8 +183,9 @@ fn config(manifest: &Path, role: Role, name: &str) -> String {
         ),
     };
     let config = format!(
-        "plugins = \"{}\"\n{BASE}{model}\n{optimizer}\n{METRICS}\n{extra}",
-        manifest.display()
+        "plugins = \"{}\"\n{}{TRAIN}{model}\n{optimizer}\n{METRICS}\n{extra}",
+        manifest.display(),
+        data.table()
     );
     if matches!((role, name), (Role::Metric, "ntk_alignment")) {
         single_logit(config)
@@ -201,7 +220,8 @@ fn tensors(path: &Path) -> Vec<(String, Tensor)> {
 /// difference, if any.
 fn resume_difference(manifest: &Path, role: Role, name: &str) -> Option<String> {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("run.toml"), config(manifest, role, name)).unwrap();
+    let config = config(manifest, role, name, Data::Synthetic);
+    std::fs::write(dir.path().join("run.toml"), config).unwrap();
     let run = |args: &[&str]| {
         let mut all = vec!["run", "run.toml", "--quiet"];
         all.extend_from_slice(args);
@@ -313,4 +333,106 @@ fn a_component_that_forgets_its_state_is_caught() {
             .is_some_and(|d| d.contains("differs after resuming")),
         "{difference:?}"
     );
+}
+
+/// Whether the Debian package's four files are where `source = "fashion_mnist"` looks; when they
+/// are not, the Fashion-MNIST tests say so and pass, as CI without the package would.
+fn fashion_mnist_present() -> bool {
+    let dir = Path::new(trellis::data::FASHION_MNIST_DIR);
+    let present = [
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ]
+    .iter()
+    .all(|f| dir.join(f).exists());
+    if !present {
+        eprintln!(
+            "skipped: Fashion-MNIST is not in {} (apt-get install dataset-fashion-mnist)",
+            dir.display()
+        );
+    }
+    present
+}
+
+/// Every component of the role trains two epochs on Fashion-MNIST unchanged: the run succeeds,
+/// logs finite losses, and its input convolution reads one channel.
+fn check_role_on_fashion_mnist(role: Role) {
+    if !fashion_mnist_present() {
+        return;
+    }
+    let manifest = manifest().join("plugins.toml");
+    let failures: Vec<String> = components(role)
+        .iter()
+        .filter_map(|name| {
+            let dir = tempfile::tempdir().unwrap();
+            let config = config(&manifest, role, name, Data::FashionMnist);
+            std::fs::write(dir.path().join("run.toml"), config).unwrap();
+            let out = trellis(dir.path(), &["run", "run.toml", "--out", "out", "--quiet"]);
+            if !out.status.success() {
+                return Some(format!(
+                    "{role} `{name}` failed ({}):\n{}",
+                    out.status,
+                    stderr(&out)
+                ));
+            }
+            let run = dir.path().join("out");
+            let losses: Vec<f64> = metrics(&run)
+                .iter()
+                .map(|r| r["train_loss"].as_f64().unwrap_or(f64::NAN))
+                .collect();
+            if losses.len() != 2 || !losses.iter().all(|l| l.is_finite()) {
+                return Some(format!("{role} `{name}`: train losses {losses:?}"));
+            }
+            let convolutions: Vec<Vec<i64>> = tensors(&run.join("model.safetensors"))
+                .into_iter()
+                .filter(|(_, t)| t.dim() == 4)
+                .map(|(_, t)| t.size())
+                .collect();
+            if convolutions.iter().any(|size| size[1] == 1) {
+                None
+            } else {
+                Some(format!(
+                    "{role} `{name}`: no convolution reads one channel: {convolutions:?}"
+                ))
+            }
+        })
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn optimizers_train_on_fashion_mnist() {
+    check_role_on_fashion_mnist(Role::Optimizer);
+}
+
+#[test]
+fn schedulers_train_on_fashion_mnist() {
+    check_role_on_fashion_mnist(Role::Scheduler);
+}
+
+#[test]
+fn pruners_train_on_fashion_mnist() {
+    check_role_on_fashion_mnist(Role::Pruner);
+}
+
+#[test]
+fn distillers_train_on_fashion_mnist() {
+    check_role_on_fashion_mnist(Role::Distiller);
+}
+
+#[test]
+fn metrics_train_on_fashion_mnist() {
+    check_role_on_fashion_mnist(Role::Metric);
+}
+
+#[test]
+fn callbacks_train_on_fashion_mnist() {
+    check_role_on_fashion_mnist(Role::Callback);
+}
+
+#[test]
+fn models_train_on_fashion_mnist() {
+    check_role_on_fashion_mnist(Role::Model);
 }
