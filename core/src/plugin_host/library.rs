@@ -289,11 +289,26 @@ fn sealed_copy(name: &str, bytes: &[u8]) -> std::io::Result<OwnedFd> {
     }?;
     let mut file = std::fs::File::from(fd);
     file.write_all(bytes)?;
-    fcntl_add_seals(
-        &file,
-        SealFlags::WRITE | SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL,
-    )?;
-    Ok(file.into())
+    // F_SEAL_WRITE first waits for the kernel to drop every transient reference to the pages
+    // just written (per-CPU page batches among them) and fails with EBUSY after ~150 ms, which a
+    // loaded CI machine reached with a debug build's 100 MB plugin. F_SEAL_FUTURE_WRITE (Linux
+    // 5.1) forbids the same writes without that wait; nothing else has this file open or mapped
+    // yet, so it guarantees as much here. Older kernels refuse the flag: F_SEAL_WRITE, retried.
+    let rest = SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL;
+    match fcntl_add_seals(&file, SealFlags::FUTURE_WRITE | rest) {
+        Err(rustix::io::Errno::INVAL) => {}
+        sealed => return sealed.map(|()| file.into()).map_err(Into::into),
+    }
+    let mut attempts = 1;
+    loop {
+        match fcntl_add_seals(&file, SealFlags::WRITE | rest) {
+            Err(rustix::io::Errno::BUSY) if attempts < 20 => {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            sealed => return sealed.map(|()| file.into()).map_err(Into::into),
+        }
+    }
 }
 
 #[cfg(not(target_os = "linux"))]
