@@ -271,9 +271,16 @@ pub struct PrunerConfig {
     pub at_step: u64,
     #[serde(default = "default_samples_per_class")]
     pub samples_per_class: usize,
-    /// Number of scoring batches the class-balanced sample is split into.
+    /// Number of scoring batches the scoring sample is split into.
     #[serde(default = "default_scoring_batches")]
     pub batches: usize,
+    /// How the scoring images are drawn: `samples_per_class` of every class, or that many times
+    /// the classes at random.
+    #[serde(default, skip_serializing_if = "ScoringChoice::is_default")]
+    pub scoring: ScoringChoice,
+    /// The scoring images go through the run's training augmentation, as Synaptic-Flow's do.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub scoring_augment: bool,
     /// Start from a saved mask file instead of running a pruner.
     #[serde(default)]
     pub masks: Option<PathBuf>,
@@ -295,6 +302,25 @@ pub enum ScopeChoice {
     #[default]
     Global,
     Layer,
+}
+
+/// `[pruner] scoring`: the scoring sample METHODS.md takes by default, or Synaptic-Flow's.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ScoringChoice {
+    /// `samples_per_class` images of every class, drawn with the run's seed (the original
+    /// GraSP code's sample).
+    #[default]
+    Balanced,
+    /// `samples_per_class × classes` training images drawn uniformly with the run's seed,
+    /// whatever their classes (Synaptic-Flow's 100 random images).
+    Random,
+}
+
+impl ScoringChoice {
+    pub fn is_default(&self) -> bool {
+        *self == ScoringChoice::Balanced
+    }
 }
 
 /// `[pruner] count`: k = round((1 − d)·N) weights pruned (exact to the density asked for), or
@@ -666,6 +692,14 @@ impl LoadedConfig {
                 "batches",
                 "[pruner] batches must be at least 1",
                 None,
+            ));
+        }
+        if p.scoring_augment && !self.config.data.augment {
+            return Err(error(
+                "scoring_augment",
+                "[pruner] scoring_augment = true, but [data] augment = false: the run has no \
+                 training augmentation to apply to the scoring images",
+                Some("set augment = true under [data], or leave scoring_augment out"),
             ));
         }
         Ok(())
@@ -1244,6 +1278,45 @@ momentum = 0.9
             e.contains("between 4 and 1024") && e.contains(":15:"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn pruner_scoring_keys_are_checked() {
+        // The body starts on line 16.
+        let table =
+            |body: &str| format!("{BASE}\n[pruner]\nuse = \"snip\"\nsparsity = 0.9\n{body}\n");
+        let e = err(&table("scoring = \"uniform\""), &[]);
+        assert!(
+            e.contains("`balanced`") && e.contains("`random`") && e.contains(":16:"),
+            "{e}"
+        );
+        let no_augment = format!(
+            "{}\n[data]\naugment = false\n",
+            table("scoring_augment = true")
+        );
+        let e = err(&no_augment, &[]);
+        assert!(e.contains("augment = false") && e.contains(":16:"), "{e}");
+        let (_d, path) = write(&table("scoring = \"random\"\nscoring_augment = true"));
+        let p = LoadedConfig::load(&path, &[])
+            .unwrap()
+            .config
+            .pruner
+            .unwrap();
+        assert_eq!(
+            (p.scoring, p.scoring_augment),
+            (ScoringChoice::Random, true)
+        );
+        assert!(p.options.is_empty(), "host keys, not the pruner's");
+        // Left out of the resolved config at their defaults, so older run directories read the
+        // same.
+        let (_d, path) = write(&table(""));
+        let c = LoadedConfig::load(&path, &[]).unwrap();
+        let p = c.config.pruner.as_ref().unwrap();
+        assert_eq!(
+            (p.scoring, p.scoring_augment),
+            (ScoringChoice::Balanced, false)
+        );
+        assert!(!toml::to_string(&c.config).unwrap().contains("scoring"));
     }
 
     #[test]

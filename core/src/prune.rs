@@ -1,4 +1,4 @@
-//! Pruning in a run (METHODS.md section 0): when to prune, the class-balanced scoring batches,
+//! Pruning in a run (METHODS.md section 0): when to prune, the scoring batches,
 //! checking a pruner's masks (names, shapes, 0/1, the exact density), keeping pruned weights at
 //! exactly zero for the rest of the run, and reporting every layer's density. Also `trellis
 //! prune`, which stops a run at its pruning point and saves what the pruner saw and decided.
@@ -12,9 +12,9 @@ use tch::{Device, Tensor};
 use trellis_sdk::{Batch, Host, Model, PruneRequest, Pruner, Role, Scope, Table};
 
 use crate::config::{
-    component_text, CountChoice, LoadedConfig, PrunerConfig, ScopeChoice, TablePath,
+    component_text, CountChoice, LoadedConfig, PrunerConfig, ScopeChoice, ScoringChoice, TablePath,
 };
-use crate::data;
+use crate::data::{self, rng::Rng, Loader, LoaderOptions};
 use crate::plugin_host::Registry;
 use crate::services::{ModelView, RunHost, RunState};
 use crate::source::Seg;
@@ -123,8 +123,7 @@ pub struct Pruning {
     target: Option<f64>,
     scope: Scope,
     count: CountChoice,
-    samples_per_class: usize,
-    batches: usize,
+    scoring: Scoring,
     pub masks: Option<Masks>,
     /// Set by `trellis prune`: keep the scores, batches and weights of the pruning.
     pub inspect: bool,
@@ -248,8 +247,12 @@ impl Pruning {
             target,
             scope,
             count: p.count,
-            samples_per_class: p.samples_per_class,
-            batches: p.batches,
+            scoring: Scoring {
+                choice: p.scoring,
+                samples_per_class: p.samples_per_class,
+                augment: p.scoring_augment,
+                batches: p.batches,
+            },
             masks: None,
             inspect: false,
             inspection: None,
@@ -267,7 +270,7 @@ impl Pruning {
         let model = sdk_model(state);
         let (masks, origin) = match &mut self.source {
             MaskSource::Pruner { name, pruner } => {
-                let batches = scoring_batches(state, self.samples_per_class, self.batches)?;
+                let batches = scoring_batches(state, &self.scoring)?;
                 let weights = self.inspect.then(|| {
                     state
                         .model()
@@ -508,44 +511,83 @@ fn checked_masks(
     })
 }
 
-/// The scoring data (METHODS.md section 0): `samples_per_class` images of every class drawn with
-/// the run's seed, no augmentation, split into `batches` batches. The samples are interleaved by
-/// class first, so that every batch stays as class-balanced as the split allows.
-pub fn scoring_batches(
-    state: &RunState,
-    samples_per_class: usize,
-    batches: usize,
-) -> Result<Vec<Batch>> {
-    let (inputs, targets) = data::class_balanced_batch(
-        &state.train_data,
-        samples_per_class,
-        state.seed,
-        &state.normalize,
-        state.device,
-    );
-    let labels = Vec::<i64>::try_from(&targets.to_device(Device::Cpu))?;
-    let n = labels.len();
+/// What the scoring batches are made of: `[pruner]`'s `scoring`, `samples_per_class`,
+/// `scoring_augment` and `batches`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scoring {
+    pub choice: ScoringChoice,
+    pub samples_per_class: usize,
+    pub augment: bool,
+    pub batches: usize,
+}
+
+/// Keeps the augmentation draws of the scoring images apart from the training loader's, which
+/// takes the run seed as it is.
+const SCORING_AUGMENT_STREAM: u64 = 0x5341_5547; // "SAUG"
+
+/// The scoring data (METHODS.md section 0), drawn with the run's seed: by default
+/// `samples_per_class` images of every class, interleaved by class so that every batch stays as
+/// class-balanced as the split allows; with `scoring = "random"`, `samples_per_class × classes`
+/// images drawn whatever their class, in the order drawn. Unaugmented unless `scoring_augment`,
+/// which gives them the run's training crop and flip. Split into `batches` batches.
+pub fn scoring_batches(state: &RunState, scoring: &Scoring) -> Result<Vec<Batch>> {
+    let data = &state.train_data;
+    let order = match scoring.choice {
+        ScoringChoice::Balanced => {
+            let chosen = data::class_balanced_indices(data, scoring.samples_per_class, state.seed);
+            let labels = data.label_vec();
+            let mut by_class: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+            for &i in &chosen {
+                by_class.entry(labels[i as usize]).or_default().push(i);
+            }
+            let mut order = Vec::with_capacity(chosen.len());
+            for round in 0.. {
+                let before = order.len();
+                order.extend(by_class.values().filter_map(|v| v.get(round).copied()));
+                if order.len() == before {
+                    break;
+                }
+            }
+            order
+        }
+        ScoringChoice::Random => {
+            let n = scoring.samples_per_class * data.num_classes as usize;
+            data::random_indices(data, n, state.seed)
+        }
+    };
+    let n = order.len();
     if n == 0 {
         bail!("the training set has no images to score the pruner on");
     }
+    let batches = scoring.batches;
     if batches > n {
         bail!("[pruner] batches = {batches}, but the scoring sample has only {n} images");
     }
-    let mut by_class: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
-    for (i, label) in labels.iter().enumerate() {
-        by_class.entry(*label).or_default().push(i as i64);
-    }
-    let mut order = Vec::with_capacity(n);
-    for round in 0.. {
-        let before = order.len();
-        order.extend(by_class.values().filter_map(|v| v.get(round).copied()));
-        if order.len() == before {
-            break;
-        }
-    }
-    let order = Tensor::from_slice(&order).to_device(state.device);
-    let inputs = inputs.index_select(0, &order);
-    let targets = targets.index_select(0, &order);
+    let sample = data.select(&order);
+    let (inputs, targets) = if scoring.augment && state.augment {
+        let mut loader = Loader::new(
+            &sample,
+            LoaderOptions {
+                batch_size: n,
+                shuffle: false,
+                augment: true,
+                drop_last: false,
+                seed: Rng::derive(state.seed, &[SCORING_AUGMENT_STREAM]).next_u64(),
+                epoch: 0,
+                device: state.device,
+                normalize: state.normalize.clone(),
+            },
+        );
+        let batch = loader
+            .next()
+            .ok_or_else(|| anyhow!("the scoring images came back empty from augmentation"))?;
+        (batch.inputs, batch.targets)
+    } else {
+        (
+            data::normalize_batch(&sample.images, &state.normalize, state.device),
+            sample.labels.to_device(state.device),
+        )
+    };
     let sizes: Vec<i64> = (0..batches)
         .map(|i| (n / batches + usize::from(i < n % batches)) as i64)
         .collect();
@@ -689,8 +731,12 @@ mod tests {
             target: Some(0.5),
             scope,
             count: CountChoice::Round,
-            samples_per_class: 1,
-            batches: 1,
+            scoring: Scoring {
+                choice: ScoringChoice::Balanced,
+                samples_per_class: 1,
+                augment: false,
+                batches: 1,
+            },
             masks: None,
             inspect: false,
             inspection: None,
@@ -765,23 +811,148 @@ mod tests {
         );
     }
 
+    fn scoring(choice: ScoringChoice, samples_per_class: usize, batches: usize) -> Scoring {
+        Scoring {
+            choice,
+            samples_per_class,
+            augment: false,
+            batches,
+        }
+    }
+
+    fn balanced(samples_per_class: usize, batches: usize) -> Scoring {
+        scoring(ScoringChoice::Balanced, samples_per_class, batches)
+    }
+
+    fn labels(batches: &[Batch]) -> Vec<i64> {
+        batches
+            .iter()
+            .flat_map(|b| Vec::<i64>::try_from(&b.targets).unwrap())
+            .collect()
+    }
+
+    fn inputs(batches: &[Batch]) -> Tensor {
+        let all: Vec<&Tensor> = batches.iter().map(|b| &b.inputs).collect();
+        Tensor::cat(&all, 0)
+    }
+
+    /// `n` one-channel `side`×`side` images, labels cycling through 3 classes, every pixel
+    /// different; no model, which the scoring data does not need.
+    fn image_state(n: i64, side: i64, augment: bool, seed: u64) -> Rc<RunState> {
+        let labels: Vec<i64> = (0..n).map(|i| i % 3).collect();
+        let images = Tensor::arange(n * side * side, (Kind::Int64, Device::Cpu))
+            .remainder(251)
+            .to_kind(Kind::Uint8)
+            .view([n, 1, side, side]);
+        let data = Dataset::new(images, Tensor::from_slice(&labels), 3).unwrap();
+        RunState::new(
+            3,
+            Device::Cpu,
+            seed,
+            Rc::new(data),
+            4,
+            augment,
+            Normalize {
+                mean: vec![0.5],
+                std: vec![0.25],
+            },
+            None,
+            PathBuf::from("."),
+        )
+    }
+
     #[test]
     fn scoring_batches_are_class_balanced_seeded_and_split_evenly() {
         let state = state();
-        let batches = scoring_batches(&state, 2, 2).unwrap();
+        let batches = scoring_batches(&state, &balanced(2, 2)).unwrap();
         let targets: Vec<Vec<i64>> = batches
             .iter()
             .map(|b| Vec::<i64>::try_from(&b.targets).unwrap())
             .collect();
         assert_eq!(targets, [vec![0, 1, 2], vec![0, 1, 2]]);
-        let again = scoring_batches(&state, 2, 2).unwrap();
+        let again = scoring_batches(&state, &balanced(2, 2)).unwrap();
         assert!(batches[0].inputs.equal(&again[0].inputs));
-        let sizes: Vec<i64> = scoring_batches(&state, 4, 3)
+        let sizes: Vec<i64> = scoring_batches(&state, &balanced(4, 3))
             .unwrap()
             .iter()
             .map(|b| b.targets.size()[0])
             .collect();
         assert_eq!(sizes, [4, 4, 4]);
-        assert!(scoring_batches(&state, 1, 4).is_err());
+        assert!(scoring_batches(&state, &balanced(1, 4)).is_err());
+    }
+
+    #[test]
+    fn balanced_scoring_is_the_class_balanced_batch_interleaved_by_class() {
+        // The batch before `scoring` existed: class_balanced_batch, then one of each class in
+        // turn. The default must still give exactly these pixels.
+        let state = image_state(40, 3, false, 9);
+        let (x, y) = data::class_balanced_batch(
+            &state.train_data,
+            4,
+            state.seed,
+            &state.normalize,
+            Device::Cpu,
+        );
+        let grouped = Vec::<i64>::try_from(&y).unwrap();
+        assert_eq!(grouped, [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]);
+        let order = Tensor::from_slice(&[0i64, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11]);
+        let batches = scoring_batches(&state, &balanced(4, 2)).unwrap();
+        assert!(inputs(&batches).equal(&x.index_select(0, &order)));
+        assert_eq!(labels(&batches), [0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
+    fn random_scoring_draws_are_seeded_but_not_class_balanced() {
+        let random = scoring(ScoringChoice::Random, 5, 3);
+        let state = image_state(60, 2, false, 5);
+        let batches = scoring_batches(&state, &random).unwrap();
+        let drawn = labels(&batches);
+        // 5 per class × 3 classes, in three batches.
+        assert_eq!(drawn.len(), 15);
+        assert_eq!(
+            batches
+                .iter()
+                .map(|b| b.targets.size()[0])
+                .collect::<Vec<_>>(),
+            [5, 5, 5]
+        );
+        let counts: Vec<usize> = (0..3)
+            .map(|c| drawn.iter().filter(|&&l| l == c).count())
+            .collect();
+        assert_ne!(counts, [5, 5, 5], "{drawn:?}");
+        // The same seed draws the same images; another seed others.
+        let again = scoring_batches(&state, &random).unwrap();
+        assert!(inputs(&batches).equal(&inputs(&again)));
+        assert_eq!(labels(&again), drawn);
+        let other = scoring_batches(&image_state(60, 2, false, 6), &random).unwrap();
+        assert!(!inputs(&batches).equal(&inputs(&other)));
+        // Balanced draws on the same data and seed are.
+        let balanced = labels(&scoring_batches(&state, &balanced(5, 3)).unwrap());
+        assert!((0..3).all(|c| balanced.iter().filter(|&&l| l == c).count() == 5));
+        // More than the training set: all of it, once.
+        let everything = scoring(ScoringChoice::Random, 30, 1);
+        let mut all = labels(&scoring_batches(&state, &everything).unwrap());
+        all.sort_unstable();
+        assert_eq!(all.len(), 60);
+    }
+
+    #[test]
+    fn scoring_augment_changes_the_pixels_but_not_the_labels() {
+        let state = image_state(30, 8, true, 3);
+        for choice in [ScoringChoice::Balanced, ScoringChoice::Random] {
+            let plain = scoring(choice, 4, 2);
+            let augmented = Scoring {
+                augment: true,
+                ..plain
+            };
+            let a = scoring_batches(&state, &plain).unwrap();
+            let b = scoring_batches(&state, &augmented).unwrap();
+            assert_eq!(labels(&a), labels(&b), "{choice:?}");
+            assert_eq!(inputs(&a).size(), inputs(&b).size(), "{choice:?}");
+            assert!(!inputs(&a).equal(&inputs(&b)), "{choice:?}");
+            // The crop and flip draws are the run seed's.
+            let again = scoring_batches(&state, &augmented).unwrap();
+            assert!(inputs(&b).equal(&inputs(&again)), "{choice:?}");
+        }
     }
 }

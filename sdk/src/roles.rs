@@ -178,8 +178,9 @@ pub struct PruneRequest {
     /// Whether the density holds over all prunable weights or in every layer.
     pub scope: Scope,
     /// Scoring batches: `[pruner] samples_per_class` images of every class drawn with the run's
-    /// seed, without augmentation, split into `[pruner] batches` batches (at least one).
-    /// Data-free methods ignore them.
+    /// seed (or, with `scoring = "random"`, as many drawn whatever their class), without
+    /// augmentation unless `scoring_augment = true`, split into `[pruner] batches` batches (at
+    /// least one). Data-free methods ignore them.
     pub batches: Vec<Batch>,
 }
 
@@ -201,8 +202,9 @@ pub struct PruneResult {
 /// Created when the run is set up and called once, before training step `[pruner] at_step`
 /// (0: at initialisation). The model's train/eval mode is restored after the call, so the pruner
 /// may switch it; `[pruner]`'s own keys (`density`, `sparsity`, `compression`, `scope`,
-/// `at_step`, `samples_per_class`, `batches`, `masks`) are the host's, not the pruner's
-/// configuration. The host saves the masks in checkpoints, so a pruner has no state.
+/// `at_step`, `samples_per_class`, `batches`, `scoring`, `scoring_augment`, `masks`) are the
+/// host's, not the pruner's configuration. The host saves the masks in checkpoints, so a pruner
+/// has no state.
 pub trait Pruner {
     /// Scores the model's prunable weights (through the [`crate::Host`] the pruner was created
     /// with) and returns their masks. The host applies them: leave the model's weights and

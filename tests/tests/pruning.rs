@@ -187,45 +187,58 @@ fn every_method_prunes_a_resnet_to_the_exact_density_and_saves_what_it_saw() {
     );
     let dir = setup_pruning(&config);
     let d = dir.path();
-    for (method, extra) in [
-        ("snip", "pruner.bn_mode=\"train\""),
-        ("grasp", "pruner.bn_mode=\"eval\""),
-        ("synflow", "pruner.rounds=3"),
-        ("magnitude", "train.seed=3"),
-        ("random", "pruner.seed=11"),
-    ] {
+    for (i, (method, extras)) in [
+        ("snip", &["pruner.bn_mode=\"train\""][..]),
+        ("grasp", &["pruner.bn_mode=\"eval\""]),
+        ("grasp", &["pruner.reinit_classifier=true"]),
+        ("synflow", &["pruner.rounds=3"]),
+        ("synflow", &["pruner.rounds=3", "pruner.dtype=\"float32\""]),
+        ("magnitude", &["train.seed=3"]),
+        ("random", &["pruner.seed=11"]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let set_use = format!("pruner.use=\"{method}\"");
-        let out = format!("{method}.safetensors");
-        let scores = format!("{method}-scores.safetensors");
-        let o = trellis(
-            d,
-            &[
-                "prune",
-                "run.toml",
-                "--out",
-                &out,
-                "--scores",
-                &scores,
-                "--batch",
-                "batch.safetensors",
-                "--set",
-                &set_use,
-                "--set",
-                extra,
-            ],
-        );
+        let out = format!("{method}{i}.safetensors");
+        let scores = format!("{method}{i}-scores.safetensors");
+        let mut args = vec![
+            "prune",
+            "run.toml",
+            "--out",
+            &out,
+            "--scores",
+            &scores,
+            "--batch",
+            "batch.safetensors",
+            "--set",
+            &set_use,
+        ];
+        for extra in extras {
+            args.extend(["--set", extra]);
+        }
+        let o = trellis(d, &args);
         assert_ok(&o);
         let masks = read(&d.join(&out));
         let (kept, total) = kept_and_total(&masks);
-        assert_eq!(kept, expected_kept(0.05, total), "{method}");
+        assert_eq!(kept, expected_kept(0.05, total), "{method} {extras:?}");
         let scores = read(&d.join(&scores));
         assert_eq!(scores.len(), masks.len(), "{method}");
+        let float32 = extras.iter().any(|e| e.contains("float32"));
         for (name, s) in &scores {
             assert_eq!(s.size(), masks[name].size(), "{method} {name}");
             let finite = s.isfinite().all().int64_value(&[]) != 0;
             assert!(finite, "{method}: scores of {name} are not finite");
+            if method == "synflow" {
+                let kind = if float32 { Kind::Float } else { Kind::Double };
+                assert_eq!(s.kind(), kind, "{method} {extras:?} {name}");
+            }
         }
     }
+    // Re-initialising GraSP's classifier changes what it scores.
+    let grasp = read(&d.join("grasp1-scores.safetensors"));
+    let reinit = read(&d.join("grasp2-scores.safetensors"));
+    assert!(!grasp["linear.weight"].equal(&reinit["linear.weight"]));
     // The scoring batch: 2 per class, 10 classes, split in two class-balanced halves.
     let batch = read(&d.join("batch.safetensors"));
     assert_eq!(batch["inputs"].size(), [20, 3, 32, 32]);
@@ -237,6 +250,77 @@ fn every_method_prunes_a_resnet_to_the_exact_density_and_saves_what_it_saw() {
     let mut first: Vec<i64> = targets[..10].to_vec();
     first.sort_unstable();
     assert_eq!(first, (0..10).collect::<Vec<_>>());
+}
+
+#[test]
+fn scoring_draws_random_or_augmented_samples_with_the_run_seed() {
+    let config = small_config(
+        "\n[pruner]\nuse = \"magnitude\"\nsparsity = 0.5\nsamples_per_class = 3\nbatches = 2\n",
+    );
+    let dir = setup_pruning(&config);
+    let d = dir.path();
+    let batch = |name: &str, sets: &[&str]| {
+        let file = format!("{name}.safetensors");
+        let mut args = vec![
+            "prune",
+            "run.toml",
+            "--out",
+            "m.safetensors",
+            "--batch",
+            &file,
+        ];
+        for set in sets {
+            args.extend(["--set", set]);
+        }
+        assert_ok(&trellis(d, &args));
+        read(&d.join(&file))
+    };
+    let labels = |b: &BTreeMap<String, Tensor>| Vec::<i64>::try_from(&b["targets"]).unwrap();
+    let per_class = |b: &BTreeMap<String, Tensor>| {
+        let mut counts = [0; 10];
+        for l in labels(b) {
+            counts[l as usize] += 1;
+        }
+        counts
+    };
+
+    let balanced = batch("balanced", &[]);
+    assert_eq!(per_class(&balanced), [3; 10]);
+    assert_eq!(
+        Vec::<i64>::try_from(&balanced["batch_sizes"]).unwrap(),
+        [15, 15]
+    );
+    // 3 × 10 images drawn whatever their class: the seed's draw is not balanced, and the same
+    // seed draws it again.
+    let random = batch("random", &["pruner.scoring=\"random\""]);
+    assert_eq!(random["inputs"].size(), [30, 3, 32, 32]);
+    assert_ne!(per_class(&random), [3; 10]);
+    let again = batch("random_again", &["pruner.scoring=\"random\""]);
+    assert!(random["inputs"].equal(&again["inputs"]));
+    assert_eq!(labels(&random), labels(&again));
+    let other_seed = batch(
+        "random_seed4",
+        &["pruner.scoring=\"random\"", "train.seed=4"],
+    );
+    assert_ne!(labels(&random), labels(&other_seed));
+    // The run's crop and flip change the pixels of the same images, not their labels.
+    for (name, sets) in [
+        ("balanced_augmented", &["pruner.scoring_augment=true"][..]),
+        (
+            "random_augmented",
+            &["pruner.scoring_augment=true", "pruner.scoring=\"random\""],
+        ),
+    ] {
+        let augmented = batch(name, sets);
+        let plain = if name.starts_with("random") {
+            &random
+        } else {
+            &balanced
+        };
+        assert_eq!(labels(&augmented), labels(plain), "{name}");
+        assert_eq!(augmented["inputs"].size(), plain["inputs"].size(), "{name}");
+        assert!(!augmented["inputs"].equal(&plain["inputs"]), "{name}");
+    }
 }
 
 #[test]
@@ -344,6 +428,11 @@ fn bad_pruning_targets_are_refused_at_their_line() {
         ),
         ("sparsity = 0.9\nat_step = 40", "never prune", "at_step"),
         ("sparsity = 0.9\nbn_mode = \"batch\"", "bn_mode", "bn_mode"),
+        (
+            "sparsity = 0.9\nscoring = \"uniform\"",
+            "`balanced`",
+            "scoring",
+        ),
     ];
     for (body, needle, key) in cases {
         let config = small_config(&format!("\n[pruner]\nuse = \"snip\"\n{body}\n"));
@@ -355,6 +444,30 @@ fn bad_pruning_targets_are_refused_at_their_line() {
         let e = assert_error(&trellis(d, &["run", "bad.toml", "--out", "bad", "--quiet"]));
         assert!(e.contains(needle), "{body}: {e}");
         assert!(e.contains(&format!("bad.toml:{line}:")), "{body}: {e}");
+    }
+    // Keys that only refuse in company: the scoring images can take no augmentation the run
+    // does not have, and SynFlow's precision is one of two.
+    let no_augment =
+        small_config("\n[pruner]\nuse = \"snip\"\nsparsity = 0.9\nscoring_augment = true\n")
+            .replace("test_size = 500", "test_size = 500\naugment = false");
+    let synflow = |key: &str| {
+        small_config(&format!(
+            "\n[pruner]\nuse = \"synflow\"\nsparsity = 0.9\n{key}\n"
+        ))
+    };
+    for (config, needle, key) in [
+        (no_augment, "[data] augment = false", "scoring_augment"),
+        (synflow("dtype = \"float16\""), "`float32`", "dtype"),
+        (synflow("float64 = true"), "`dtype`", "float64"),
+    ] {
+        let line = 1 + config
+            .lines()
+            .position(|l| l.starts_with(&format!("{key} =")))
+            .unwrap();
+        std::fs::write(d.join("bad.toml"), &config).unwrap();
+        let e = assert_error(&trellis(d, &["run", "bad.toml", "--out", "bad", "--quiet"]));
+        assert!(e.contains(needle), "{key}: {e}");
+        assert!(e.contains(&format!("bad.toml:{line}:")), "{key}: {e}");
     }
     let config = small_config("\n[pruner]\nuse = \"snap\"\nsparsity = 0.9\n");
     std::fs::write(d.join("bad.toml"), &config).unwrap();

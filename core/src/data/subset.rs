@@ -8,10 +8,11 @@ use super::augment::{normalize_batch, Normalize};
 use super::rng::Rng;
 use super::{Dataset, Subset};
 
-/// Stream ids, so that the subset and the scoring batch never share draws with each other or
+/// Stream ids, so that the subset and the scoring batches never share draws with each other or
 /// with the loader for the same seed.
 const SUBSET_STREAM: u64 = 0x5355_4253; // "SUBS"
 const BALANCED_STREAM: u64 = 0x4241_4C41; // "BALA"
+const RANDOM_STREAM: u64 = 0x5241_4E44; // "RAND"
 
 /// The indices of each class, in dataset order.
 fn indices_by_class(ds: &Dataset) -> Vec<Vec<i64>> {
@@ -93,6 +94,16 @@ pub fn class_balanced_batch(
     norm: &Normalize,
     device: Device,
 ) -> (Tensor, Tensor) {
+    let chosen = class_balanced_indices(ds, samples_per_class, seed);
+    let batch = ds.select(&chosen);
+    (
+        normalize_batch(&batch.images, norm, device),
+        batch.labels.to_device(device),
+    )
+}
+
+/// The dataset indices [`class_balanced_batch`] takes, in its order.
+pub fn class_balanced_indices(ds: &Dataset, samples_per_class: usize, seed: u64) -> Vec<i64> {
     let mut rng = Rng::derive(seed, &[BALANCED_STREAM]);
     let mut chosen = Vec::new();
     for mut indices in indices_by_class(ds) {
@@ -103,11 +114,22 @@ pub fn class_balanced_batch(
         }
         chosen.extend_from_slice(&indices[..take]);
     }
-    let batch = ds.select(&chosen);
-    (
-        normalize_batch(&batch.images, norm, device),
-        batch.labels.to_device(device),
-    )
+    chosen
+}
+
+/// `n` distinct dataset indices (all of them when the dataset is smaller) drawn uniformly with
+/// `seed`, in the order drawn, whatever their classes: Synaptic-Flow's scoring sample.
+pub fn random_indices(ds: &Dataset, n: usize, seed: u64) -> Vec<i64> {
+    let mut rng = Rng::derive(seed, &[RANDOM_STREAM]);
+    let mut indices: Vec<i64> = (0..ds.len() as i64).collect();
+    let take = n.min(indices.len());
+    // A partial Fisher–Yates: only the first `take` positions are needed.
+    for i in 0..take {
+        let j = i + rng.below((indices.len() - i) as u64) as usize;
+        indices.swap(i, j);
+    }
+    indices.truncate(take);
+    indices
 }
 
 #[cfg(test)]

@@ -10,12 +10,16 @@
 //!    the wrong weights and still trains.
 //! 4. BatchNorm in eval mode by default (SF); `bn_mode = "train"` scores on batch statistics as
 //!    the original code did, without moving the running statistics.
+//! 5. `reinit_classifier = true` scores as the original code did by default: the classifier's
+//!    weight is replaced by Xavier-normal draws (std √(2 / (fan_in + fan_out)), bias kept) for
+//!    the scoring only, so its w ⊙ Hg is taken at those weights; the model keeps its own.
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 use trellis_pai_common::{self as pai, BnMode, Count};
 use trellis_sdk::{
-    Component, Error, Host, Model, Plugin, PruneRequest, PruneResult, Pruner, Result,
+    Component, Error, Host, LayerKind, Model, Param, Plugin, PruneRequest, PruneResult, Pruner,
+    Result,
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -29,6 +33,9 @@ pub struct GraspConfig {
     pub eps: f64,
     /// `round` (k = round((1 − d)·N), the default) or `floor` (Synaptic-Flow's ⌊(1 − d)·N⌋).
     pub count: Count,
+    /// Score with the classifier's weight re-drawn Xavier-normal from the run's seed, as the
+    /// original GraSP code does in its scoring copy (SF does not); the model keeps its weights.
+    pub reinit_classifier: bool,
 }
 
 impl Default for GraspConfig {
@@ -38,6 +45,7 @@ impl Default for GraspConfig {
             temperature: 200.0,
             eps: 1e-10,
             count: Count::Round,
+            reinit_classifier: false,
         }
     }
 }
@@ -65,6 +73,10 @@ impl Component for Grasp {
                 "eps",
                 format!("eps must be >= 0, got {}", config.eps),
             ));
+        }
+        if config.reinit_classifier {
+            let model = host.model()?;
+            classifier(&model, &pai::prunable(&model)?)?;
         }
         Ok(Grasp { config, host })
     }
@@ -117,12 +129,73 @@ pub fn grasp_scores(
     })
 }
 
+/// The classifier: the last Linear weight that takes the pooled features, `[classes,
+/// feature_dim]`. The SDK names no head parameter, and a model registers its head last.
+pub fn classifier(model: &Model, params: &[Param]) -> Result<usize> {
+    let features = model.feature_dim()?;
+    params
+        .iter()
+        .rposition(|p| {
+            let size = p.tensor.size();
+            p.kind == LayerKind::Linear && size.len() == 2 && size[1] == features
+        })
+        .ok_or_else(|| {
+            Error::config(
+                "reinit_classifier",
+                format!(
+                    "reinit_classifier: the model has no Linear weight taking its {features} \
+                     pooled features, so there is no classifier to re-initialise"
+                ),
+            )
+        })
+}
+
+/// Xavier-normal values for a Linear weight `[fan_out, fan_in]` (PyTorch's `xavier_normal_`,
+/// gain 1), drawn from `seed`, in the weight's dtype and on its device.
+pub fn xavier_normal(weight: &Tensor, seed: u64) -> Result<Tensor> {
+    // Keeps these draws apart from every other use of the run seed.
+    const XAVIER_STREAM: u64 = 0x5841_5649; // "XAVI"
+    let size = weight.size();
+    let (fan_out, fan_in) = (size[0], size[1]);
+    let std = (2.0 / (fan_in + fan_out) as f64).sqrt();
+    let noise = pai::standard_normal(seed ^ XAVIER_STREAM.rotate_left(32), weight.numel());
+    Ok(Tensor::from_slice(&noise)
+        .f_mul_scalar(std)?
+        .f_view(size.as_slice())?
+        .f_to_kind(weight.kind())?
+        .f_to_device(weight.device())?)
+}
+
+/// Runs `score` with the classifier's weight replaced by [`xavier_normal`] draws and puts the
+/// model's own weight back afterwards, bit for bit, whether scoring succeeded or not.
+fn with_reinitialised_classifier<R>(
+    model: &Model,
+    seed: u64,
+    score: impl FnOnce() -> Result<R>,
+) -> Result<R> {
+    let params = pai::prunable(model)?;
+    let weight = &params[classifier(model, &params)?].tensor;
+    let saved = weight.f_detach_copy()?;
+    let drawn = xavier_normal(weight, seed)?;
+    tch::no_grad(|| weight.shallow_clone().f_copy_(&drawn))?;
+    let result = score();
+    tch::no_grad(|| weight.shallow_clone().f_copy_(&saved))
+        .map_err(|e| Error::from(e).context("cannot restore the classifier's weight"))?;
+    result
+}
+
 impl Pruner for Grasp {
     fn prune(&mut self, request: PruneRequest) -> Result<PruneResult> {
         pai::check_request(&request, "grasp", true)?;
         let model = self.host.model()?;
         let params = pai::prunable(&model)?;
-        let scores = grasp_scores(&model, &request, &self.config)?;
+        let scores = if self.config.reinit_classifier {
+            with_reinitialised_classifier(&model, self.host.seed(), || {
+                grasp_scores(&model, &request, &self.config)
+            })?
+        } else {
+            grasp_scores(&model, &request, &self.config)?
+        };
         // Lowest scores pruned: the shared threshold keeps the highest.
         pai::one_shot(&params, scores, &request, self.config.count)
     }
@@ -239,6 +312,97 @@ mod tests {
         assert_close(&values(&buffers[0].1), &tiny::BN_RUNNING_MEAN, 0.0);
         assert_close(&values(&buffers[1].1), &tiny::BN_RUNNING_VAR, 0.0);
         assert!(!model.is_training().unwrap());
+    }
+
+    /// Every parameter and buffer, copied.
+    fn snapshot(model: &Model) -> Vec<(String, Tensor)> {
+        let params = model.parameters().unwrap().into_iter();
+        params
+            .map(|p| (p.name, p.tensor))
+            .chain(model.buffers().unwrap())
+            .map(|(n, t)| (n, t.detach_copy()))
+            .collect()
+    }
+
+    #[test]
+    fn reinit_classifier_scores_at_xavier_weights_and_leaves_the_model_unchanged() {
+        let batches = || vec![tiny::batch(0, 2), tiny::batch(2, 4)];
+        let prune = |net: &tiny::Tiny, seed: u64, reinit_classifier: bool| {
+            let config = GraspConfig {
+                reinit_classifier,
+                ..GraspConfig::default()
+            };
+            Grasp::new(config, net.host_with_seed(seed))
+                .unwrap()
+                .prune(request(0.5, batches()))
+                .unwrap()
+        };
+        let scores = |r: &PruneResult| -> Vec<f64> {
+            r.scores.iter().flat_map(|(_, s)| values(s)).collect()
+        };
+        let net = tiny::Tiny::new(&tiny::WEIGHTS, true);
+        let model = net.model();
+        let before = snapshot(&model);
+        let reinit = prune(&net, 7, true);
+        for ((name, was), (_, is)) in before.iter().zip(snapshot(&model)) {
+            assert!(was.equal(&is), "{name} changed");
+        }
+        assert!(model
+            .parameters()
+            .unwrap()
+            .iter()
+            .all(|p| !p.tensor.grad().defined()));
+
+        // The same scores as GraSP on a copy whose classifier holds the drawn weights: Hg and
+        // w ⊙ Hg are both taken at them.
+        let params = pai::prunable(&model).unwrap();
+        assert_eq!(classifier(&model, &params).unwrap(), 1);
+        let drawn = values(&xavier_normal(&params[1].tensor, 7).unwrap());
+        let mut copy_weights = tiny::WEIGHTS;
+        copy_weights.w2 = [[drawn[0], drawn[1]], [drawn[2], drawn[3]]];
+        let copy = tiny::Tiny::new(&copy_weights, true);
+        let want = grasp_scores(
+            &copy.model(),
+            &request(0.5, batches()),
+            &GraspConfig::default(),
+        )
+        .unwrap();
+        let want: Vec<f64> = want.iter().flat_map(values).collect();
+        assert_close(&scores(&reinit), &want, 1e-12);
+
+        let plain = prune(&net, 7, false);
+        assert!(
+            scores(&plain)
+                .iter()
+                .zip(scores(&reinit))
+                .any(|(a, b)| (a - b).abs() > 1e-3),
+            "reinit_classifier changed no score"
+        );
+        // The draw is the run seed's: the same seed scores the same, another differently.
+        let again = prune(&tiny::Tiny::new(&tiny::WEIGHTS, true), 7, true);
+        assert_eq!(scores(&again), scores(&reinit));
+        assert_eq!(
+            tiny::pruned_positions(&again.masks),
+            tiny::pruned_positions(&reinit.masks)
+        );
+        assert_ne!(scores(&prune(&net, 8, true)), scores(&reinit));
+    }
+
+    #[test]
+    fn xavier_normal_has_the_glorot_spread() {
+        let weight = Tensor::zeros([300, 200], (Kind::Float, tch::Device::Cpu));
+        let drawn = xavier_normal(&weight, 3).unwrap();
+        assert_eq!((drawn.size(), drawn.kind()), (weight.size(), Kind::Float));
+        let v = values(&drawn);
+        let mean = v.iter().sum::<f64>() / v.len() as f64;
+        let std = (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / v.len() as f64).sqrt();
+        let want = (2.0f64 / 500.0).sqrt();
+        assert!(
+            mean.abs() < 0.002 && (std / want - 1.0).abs() < 0.01,
+            "{mean} {std}"
+        );
+        assert!(drawn.equal(&xavier_normal(&weight, 3).unwrap()));
+        assert!(!drawn.equal(&xavier_normal(&weight, 4).unwrap()));
     }
 
     #[test]

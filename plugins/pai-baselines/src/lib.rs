@@ -13,13 +13,27 @@ use trellis_sdk::{
 
 // ---------------------------------------------------------------------------------------------
 
+/// The precision SynFlow scores in.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    /// The model is converted to float64 while it is scored and back afterwards: the product of
+    /// every layer's |w| grows with depth and width, and float64 leaves room to spare.
+    #[default]
+    Float64,
+    /// The model's own float32, as Synaptic-Flow scores (R ≈ 1.4e27 on a full-width ResNet18 is
+    /// still finite). A model that is float64 already stays float64.
+    Float32,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SynFlowConfig {
     /// Scoring rounds; round k of n keeps density d^(k/n).
     pub rounds: usize,
-    /// Score in float64: R reaches about 1e28 on a Kaiming-initialised ResNet18.
-    pub float64: bool,
+    /// `float64` (the default: R reaches about 1e28 on a Kaiming-initialised ResNet18) or
+    /// `float32` (Synaptic-Flow's precision).
+    pub dtype: Dtype,
     /// `round` (k = round((1 − d)·N), the default) or `floor` (Synaptic-Flow's ⌊(1 − d)·N⌋).
     pub count: Count,
 }
@@ -28,7 +42,7 @@ impl Default for SynFlowConfig {
     fn default() -> Self {
         SynFlowConfig {
             rounds: 100,
-            float64: true,
+            dtype: Dtype::Float64,
             count: Count::Round,
         }
     }
@@ -39,7 +53,8 @@ impl Default for SynFlowConfig {
 /// 2. input ones of shape [1, C, H, W], R = Σ f(1), backprop R;
 /// 3. score = |∂R/∂w ⊙ w|; signs restored at the end;
 /// 4. `rounds` rounds, round k keeping density d^(k/rounds) with a fresh threshold; pruned
-///    weights stay pruned (they are zero in later rounds, so their score is 0), in float64.
+///    weights stay pruned (they are zero in later rounds, so their score is 0), in float64
+///    (`dtype = "float64"`) or, as Synaptic-Flow, in float32 (`dtype = "float32"`).
 pub struct SynFlow {
     config: SynFlowConfig,
     host: Host,
@@ -137,7 +152,7 @@ fn synflow_rounds(
             if !flow.is_finite() {
                 bail!(
                     "synflow: R = Σ f(1) is {flow} in round {round}: the network overflows {kind:?}; \
-                     keep float64 = true"
+                     score with dtype = \"float64\""
                 );
             }
             let grads = pai::gradients(&r, params, false)?;
@@ -180,7 +195,7 @@ impl Pruner for SynFlow {
         let input_shape = batch.inputs.size()[1..].to_vec();
         let model = self.host.model()?;
         let original_kind = pai::prunable(&model)?[0].tensor.kind();
-        let to_double = self.config.float64 && original_kind != Kind::Double;
+        let to_double = self.config.dtype == Dtype::Float64 && original_kind != Kind::Double;
         let (masks, scores) = pai::with_bn_mode(&model, BnMode::Eval, || {
             if to_double {
                 model.set_double(true)?;
@@ -293,38 +308,11 @@ impl Component for Random {
     }
 }
 
-/// splitmix64: a small, well-mixed generator, enough for noise scores.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1]: never 0, so the logarithm below is finite.
-    fn unit(&mut self) -> f64 {
-        ((self.next() >> 11) + 1) as f64 / (1u64 << 53) as f64
-    }
-}
-
-/// `n` standard normal draws (Box–Muller) from `seed`.
+/// `n` standard normal draws from `seed`.
 pub fn normal_noise(seed: u64, n: usize) -> Vec<f64> {
     // Keeps this stream apart from any other use of the run seed.
     const RANDOM_STREAM: u64 = 0x5241_4E44; // "RAND"
-    let mut rng = SplitMix64(seed ^ RANDOM_STREAM.rotate_left(32));
-    let mut out = Vec::with_capacity(n + 1);
-    while out.len() < n {
-        let radius = (-2.0 * rng.unit().ln()).sqrt();
-        let angle = 2.0 * std::f64::consts::PI * rng.unit();
-        out.push(radius * angle.cos());
-        out.push(radius * angle.sin());
-    }
-    out.truncate(n);
-    out
+    pai::standard_normal(seed ^ RANDOM_STREAM.rotate_left(32), n)
 }
 
 impl Pruner for Random {
@@ -426,7 +414,7 @@ mod tests {
         let mut synflow = SynFlow::new(
             SynFlowConfig {
                 rounds: 1,
-                float64: true,
+                dtype: Dtype::Float64,
                 count: Count::Round,
             },
             net.host(),
@@ -447,7 +435,7 @@ mod tests {
         let mut synflow = SynFlow::new(
             SynFlowConfig {
                 rounds: 1,
-                float64: true,
+                dtype: Dtype::Float64,
                 count: Count::Round,
             },
             net.host(),
@@ -480,7 +468,7 @@ mod tests {
         let mut synflow = SynFlow::new(
             SynFlowConfig {
                 rounds: 3,
-                float64: true,
+                dtype: Dtype::Float64,
                 count: Count::Round,
             },
             net.host(),
@@ -536,6 +524,65 @@ mod tests {
         let config = trellis_sdk::parse_config::<SynFlowConfig>("rounds = 0").unwrap();
         let e = SynFlow::new(config, net.host()).err().unwrap();
         assert_eq!(e.key.as_deref(), Some("rounds"));
+    }
+
+    #[test]
+    fn synflow_in_float32_prunes_as_in_float64_where_both_are_finite() {
+        let prune = |dtype| {
+            let net = tiny::Tiny::new(&tiny::WEIGHTS, true);
+            net.model().set_double(false).unwrap();
+            let config = SynFlowConfig {
+                rounds: 3,
+                dtype,
+                count: Count::Round,
+            };
+            let result = SynFlow::new(config, net.host())
+                .unwrap()
+                .prune(request(0.3))
+                .unwrap();
+            let kinds: Vec<Kind> = net
+                .model()
+                .parameters()
+                .unwrap()
+                .iter()
+                .map(|p| p.tensor.kind())
+                .collect();
+            (result, kinds)
+        };
+        let (double, kinds64) = prune(Dtype::Float64);
+        let (single, kinds32) = prune(Dtype::Float32);
+        // The scores show the precision each was computed in; the model is float32 after both.
+        assert!(double.scores.iter().all(|(_, s)| s.kind() == Kind::Double));
+        assert!(single.scores.iter().all(|(_, s)| s.kind() == Kind::Float));
+        assert!(kinds64.iter().chain(&kinds32).all(|k| *k == Kind::Float));
+        assert_close(&scores_of(&single), &scores_of(&double), 1e-5);
+        assert_eq!(
+            tiny::pruned_positions(&single.masks),
+            tiny::pruned_positions(&double.masks)
+        );
+        assert_eq!(tiny::pruned_positions(&single.masks).len(), 7);
+    }
+
+    #[test]
+    fn synflow_dtype_takes_float64_or_float32_and_nothing_else() {
+        let parse = trellis_sdk::parse_config::<SynFlowConfig>;
+        assert_eq!(parse("").unwrap().dtype, Dtype::Float64);
+        assert_eq!(parse("dtype = \"float32\"").unwrap().dtype, Dtype::Float32);
+        let e = parse("dtype = \"float16\"").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("dtype"));
+        assert!(
+            e.message.contains("`float64`") && e.message.contains("`float32`"),
+            "{e}"
+        );
+        // A misspelled key, and the boolean this key replaced, are refused by name.
+        for (text, key) in [
+            ("dtpye = \"float32\"", "dtpye"),
+            ("float64 = true", "float64"),
+        ] {
+            let e = parse(text).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{e}");
+            assert!(e.message.contains("`dtype`"), "{e}");
+        }
     }
 
     #[test]

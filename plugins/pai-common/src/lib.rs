@@ -244,6 +244,41 @@ pub fn overall_density(layers: &[LayerDensity]) -> f64 {
     kept as f64 / total.max(1) as f64
 }
 
+/// splitmix64: a small, well-mixed generator, enough for noise scores and initial weights.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in (0, 1]: never 0, so the logarithm below is finite.
+    fn unit(&mut self) -> f64 {
+        ((self.next() >> 11) + 1) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// `n` standard normal draws (Box–Muller) from `seed`, in plain Rust rather than from
+/// libtorch's global generator: the draws depend on the seed alone, not on how much of that
+/// generator the run used before, and pruning leaves it untouched for training. Callers mix a
+/// stream id of their own into `seed` so that two uses of the run seed never share draws.
+pub fn standard_normal(seed: u64, n: usize) -> Vec<f64> {
+    let mut rng = SplitMix64(seed);
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        let radius = (-2.0 * rng.unit().ln()).sqrt();
+        let angle = 2.0 * std::f64::consts::PI * rng.unit();
+        out.push(radius * angle.cos());
+        out.push(radius * angle.sin());
+    }
+    out.truncate(n);
+    out
+}
+
 /// Mean cross-entropy of the logits divided by `temperature` (1 for SNIP, 200 for GraSP), in
 /// the model's current train/eval mode.
 pub fn scoring_loss(model: &Model, batch: &Batch, temperature: f64) -> Result<Tensor> {

@@ -104,10 +104,16 @@ impl Tiny {
     /// the network takes them flat, `[B, 3]`), the whole fixed batch as its training data, no
     /// run directory.
     pub fn host(&self) -> Host {
+        self.host_with_seed(0)
+    }
+
+    /// [`Tiny::host`] with the run seed `seed` (the host's default is 0).
+    pub fn host_with_seed(&self, seed: u64) -> Host {
         FakeHost::new(View(self.0.clone()))
             .classes(2)
             .input_shape([3, 1, 1])
             .batches(vec![batch(0, 4)])
+            .seed(seed)
             .host()
     }
 }
