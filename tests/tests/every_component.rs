@@ -146,6 +146,14 @@ fn keys(role: Role, name: &str, data: Data) -> String {
     }
 }
 
+/// Tables a component needs beside its own: the component it reads in the same run.
+fn companions(role: Role, name: &str) -> &'static str {
+    match (role, name) {
+        (Role::Metric, "refiner_accuracy") => "\n[[distillers]]\nuse = \"fc_augment\"\n",
+        _ => "",
+    }
+}
+
 /// The run config that exercises one component on top of the base run.
 fn config(manifest: &Path, role: Role, name: &str, data: Data) -> String {
     let table = format!("use = \"{name}\"\n{}", keys(role, name, data));
@@ -183,9 +191,10 @@ fn config(manifest: &Path, role: Role, name: &str, data: Data) -> String {
         ),
     };
     let config = format!(
-        "plugins = \"{}\"\n{}{TRAIN}{model}\n{optimizer}\n{METRICS}\n{extra}",
+        "plugins = \"{}\"\n{}{TRAIN}{model}\n{optimizer}\n{METRICS}\n{extra}{}",
         manifest.display(),
-        data.table()
+        data.table(),
+        companions(role, name)
     );
     if matches!((role, name), (Role::Metric, "ntk_alignment")) {
         single_logit(config)

@@ -4,7 +4,9 @@
 //! - `agreement`: % of evaluation images where the model's top-1 equals the teacher's.
 //! - `adversarial_transfer`: iterative FGSM on the teacher; of the images whose teacher
 //!   prediction it changes, the % whose model prediction changes too.
-//! - `jitter_invariance`: % of images whose prediction survives a random colour jitter.
+//! - `jitter_invariance`: % of images whose prediction survives a random colour jitter, by
+//!   default torchvision's `ColorJitter(0.4, 0.4, 0.4, 0.2)` with its four transforms in a
+//!   random order per image, as torchvision applies them.
 //! - `localization` ([`Localization`]): % of images whose Grad-CAM of the true class is closer
 //!   (cosine) to the teacher's than an independently trained student's is.
 //!
@@ -397,14 +399,16 @@ impl Metric for AdversarialTransfer {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct JitterConfig {
-    /// torchvision `ColorJitter` strengths: brightness, contrast and saturation factors are drawn
-    /// from U[1 − s, 1 + s], the hue shift from U[−h, h] (in turns of the colour wheel).
+    /// torchvision `ColorJitter` strengths, by default its `ColorJitter(0.4, 0.4, 0.4, 0.2)`:
+    /// brightness, contrast and saturation factors are drawn from U[max(0, 1 − s), 1 + s], the
+    /// hue shift from U[−h, h] (in turns of the colour wheel). As torchvision does, each image
+    /// also gets the four transforms in an order of its own, a uniformly drawn permutation.
     pub brightness: f64,
     pub contrast: f64,
     pub saturation: f64,
     pub hue: f64,
-    /// Seed of the jitter draws; every evaluation (and every run with the same seed) jitters
-    /// image i the same way, so numbers are comparable across epochs and runs.
+    /// Seed of the jitter draws (order and strengths); every evaluation (and every run with the
+    /// same seed) jitters image i the same way, so numbers are comparable across epochs and runs.
     pub seed: u64,
     /// Optional: with a teacher, its invariance is reported too, for comparison.
     pub teacher_checkpoint: PathBuf,
@@ -443,15 +447,65 @@ impl SplitMix64 {
         let unit = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
         lo + (hi - lo) * unit
     }
+
+    /// Uniform in 0..n (Lemire's multiply-shift: no modulo bias worth the name for small n).
+    fn below(&mut self, n: usize) -> usize {
+        ((u128::from(self.next_u64()) * n as u128) >> 64) as usize
+    }
+
+    /// A uniformly drawn permutation of the four transforms (Fisher–Yates), as torchvision's
+    /// `torch.randperm(4)`.
+    fn order(&mut self) -> [ColourTransform; 4] {
+        let mut order = ColourTransform::ALL;
+        for i in (1..order.len()).rev() {
+            order.swap(i, self.below(i + 1));
+        }
+        order
+    }
 }
 
-/// One image's jitter: multiplicative factors and a hue shift in turns.
+/// One of the four transforms of torchvision's `ColorJitter`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ColourTransform {
+    /// Scale towards black by the brightness factor.
+    Brightness,
+    /// Blend with the image's mean grey by the contrast factor.
+    Contrast,
+    /// Blend with the per-pixel grey by the saturation factor.
+    Saturation,
+    /// Rotate the hue ([`hue_matrix`]).
+    Hue,
+}
+
+impl ColourTransform {
+    /// torchvision's numbering (`fn_idx` 0–3), the order [`Jitter::IDENTITY`] lists.
+    pub const ALL: [ColourTransform; 4] = [
+        ColourTransform::Brightness,
+        ColourTransform::Contrast,
+        ColourTransform::Saturation,
+        ColourTransform::Hue,
+    ];
+}
+
+/// The strengths jitters are drawn with (see [`JitterConfig`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Strengths {
+    pub brightness: f64,
+    pub contrast: f64,
+    pub saturation: f64,
+    pub hue: f64,
+}
+
+/// One image's jitter: multiplicative factors, a hue shift in turns, and the order in which
+/// [`colour_jitter`] applies the four.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Jitter {
     pub brightness: f64,
     pub contrast: f64,
     pub saturation: f64,
     pub hue: f64,
+    /// A permutation of [`ColourTransform::ALL`].
+    pub order: [ColourTransform; 4],
 }
 
 impl Jitter {
@@ -460,7 +514,17 @@ impl Jitter {
         contrast: 1.0,
         saturation: 1.0,
         hue: 0.0,
+        order: ColourTransform::ALL,
     };
+
+    fn parameter(&self, transform: ColourTransform) -> f64 {
+        match transform {
+            ColourTransform::Brightness => self.brightness,
+            ColourTransform::Contrast => self.contrast,
+            ColourTransform::Saturation => self.saturation,
+            ColourTransform::Hue => self.hue,
+        }
+    }
 }
 
 /// ITU-R BT.601 luma weights, as torchvision's `rgb_to_grayscale`.
@@ -514,12 +578,12 @@ fn grayscale(pixels: &Tensor) -> Tensor {
     (pixels * luma).sum_dim_intlist([1i64].as_slice(), true, pixels.kind())
 }
 
-/// Colour jitter of RGB pixels in [0, 1], `[B, 3, H, W]`, one [`Jitter`] per image, in a fixed
-/// order (torchvision shuffles it per call): brightness (scale towards black), contrast (blend
-/// with the image's mean grey), saturation (blend with the per-pixel grey), hue (see
-/// [`hue_matrix`]); each result is clipped to [0, 1] as torchvision does. Grey images
-/// (`[B, 1, H, W]`) get brightness and contrast only: torchvision leaves their saturation and
-/// hue unchanged.
+/// Colour jitter of RGB pixels in [0, 1], `[B, 3, H, W]`, one [`Jitter`] per image, each
+/// image's four transforms in its own [`Jitter::order`], as torchvision's `ColorJitter` applies
+/// them in a random order per call: brightness (scale towards black), contrast (blend with the
+/// image's mean grey), saturation (blend with the per-pixel grey), hue (see [`hue_matrix`]); each
+/// result is clipped to [0, 1] as torchvision does. Grey images (`[B, 1, H, W]`) get brightness
+/// and contrast only: torchvision leaves their saturation and hue unchanged.
 pub fn colour_jitter(pixels: &Tensor, jitters: &[Jitter]) -> Result<Tensor> {
     let size = pixels.size();
     if size.len() != 4 || ![1, 3].contains(&size[1]) || size[0] != jitters.len() as i64 {
@@ -529,9 +593,17 @@ pub fn colour_jitter(pixels: &Tensor, jitters: &[Jitter]) -> Result<Tensor> {
             jitters.len()
         )));
     }
+    if let Some(j) = jitters
+        .iter()
+        .find(|j| !ColourTransform::ALL.iter().all(|t| j.order.contains(t)))
+    {
+        return Err(Error::msg(format!(
+            "a jitter's order must name each transform once, got {:?}",
+            j.order
+        )));
+    }
     let (kind, device) = (pixels.kind(), pixels.device());
-    let per_image = |f: fn(&Jitter) -> f64| {
-        let values: Vec<f64> = jitters.iter().map(f).collect();
+    let per_image = |values: Vec<f64>| {
         Tensor::from_slice(&values)
             .to_kind(kind)
             .to_device(device)
@@ -541,34 +613,64 @@ pub fn colour_jitter(pixels: &Tensor, jitters: &[Jitter]) -> Result<Tensor> {
         let rest: Tensor = -factor + 1.0;
         (image * factor + other * rest).clamp(0.0, 1.0)
     };
-    let x = (pixels * per_image(|j| j.brightness)).clamp(0.0, 1.0);
-    let mean_grey = grayscale(&x).mean_dim([1i64, 2, 3].as_slice(), true, kind);
-    let x = blend(&x, &mean_grey, &per_image(|j| j.contrast));
-    if size[1] == 1 {
-        return Ok(x);
+    let grey = size[1] == 1;
+    let mut x = pixels.shallow_clone();
+    // The batch stays one tensor: at step k every transform that some image has k-th is applied
+    // to the whole batch, and only the images that have it there take the result, so the others
+    // are left exactly as they were.
+    for step in 0..ColourTransform::ALL.len() {
+        for transform in ColourTransform::ALL {
+            let takes: Vec<bool> = jitters.iter().map(|j| j.order[step] == transform).collect();
+            let skipped = grey
+                && matches!(
+                    transform,
+                    ColourTransform::Saturation | ColourTransform::Hue
+                );
+            if skipped || !takes.contains(&true) {
+                continue;
+            }
+            let parameters = jitters.iter().map(|j| j.parameter(transform)).collect();
+            let transformed = match transform {
+                ColourTransform::Brightness => (&x * per_image(parameters)).clamp(0.0, 1.0),
+                ColourTransform::Contrast => {
+                    let mean_grey = grayscale(&x).mean_dim([1i64, 2, 3].as_slice(), true, kind);
+                    blend(&x, &mean_grey, &per_image(parameters))
+                }
+                ColourTransform::Saturation => blend(&x, &grayscale(&x), &per_image(parameters)),
+                ColourTransform::Hue => {
+                    let matrices: Vec<f64> = jitters
+                        .iter()
+                        .flat_map(|j| hue_matrix(j.hue).into_iter().flatten())
+                        .collect();
+                    let matrices = Tensor::from_slice(&matrices)
+                        .to_kind(kind)
+                        .to_device(device)
+                        .view([-1, 3, 3]);
+                    let shifted = matrices.matmul(&x.flatten(2, 3)).view(size.as_slice());
+                    shifted.clamp(0.0, 1.0)
+                }
+            };
+            let takes = Tensor::from_slice(&takes)
+                .to_device(device)
+                .view([-1, 1, 1, 1]);
+            x = transformed.where_self(&takes, &x);
+        }
     }
-    let x = blend(&x, &grayscale(&x), &per_image(|j| j.saturation));
-    let matrices: Vec<f64> = jitters
-        .iter()
-        .flat_map(|j| hue_matrix(j.hue).into_iter().flatten())
-        .collect();
-    let matrices = Tensor::from_slice(&matrices)
-        .to_kind(kind)
-        .to_device(device)
-        .view([-1, 3, 3]);
-    let shifted = matrices.matmul(&x.flatten(2, 3)).view(size.as_slice());
-    Ok(shifted.clamp(0.0, 1.0))
+    Ok(x)
 }
 
 /// % of evaluation images whose top-1 prediction is unchanged by a colour jitter
 /// (`jitter_invariance`; with a teacher, also `teacher_jitter_invariance`).
 ///
-/// The jitter is applied in pixel space: inputs are un-normalised, jittered and re-normalised.
+/// Each image gets its own draw of torchvision's `ColorJitter`: a random order of brightness,
+/// contrast, saturation and hue, then the four strengths ([`JitterConfig`]), from a generator
+/// seeded with `seed` at every evaluation, so image i is jittered the same way every time. The
+/// jitter is applied in pixel space: inputs are un-normalised, jittered and re-normalised.
 pub struct JitterInvariance {
     student: Model,
     teacher: Option<Model>,
     normalisation: Normalisation,
-    strengths: Jitter,
+    strengths: Strengths,
     seed: u64,
     rng: SplitMix64,
     /// [model invariant, teacher invariant, images]
@@ -578,7 +680,8 @@ pub struct JitterInvariance {
 impl Component for JitterInvariance {
     const NAME: &'static str = "jitter_invariance";
     const DESCRIPTION: &'static str =
-        "% of evaluation images whose prediction survives a colour jitter (and the teacher's, if given)";
+        "% of evaluation images whose prediction survives torchvision's ColorJitter, its transforms \
+         in a random order per image (and the teacher's, if given)";
     type Config = JitterConfig;
 
     fn new(config: JitterConfig, host: Host) -> Result<Self> {
@@ -611,7 +714,7 @@ impl Component for JitterInvariance {
             student: host.model()?,
             teacher,
             normalisation,
-            strengths: Jitter {
+            strengths: Strengths {
                 brightness: config.brightness,
                 contrast: config.contrast,
                 saturation: config.saturation,
@@ -625,8 +728,11 @@ impl Component for JitterInvariance {
 }
 
 impl JitterInvariance {
+    /// The next image's jitter: the order first, then the factors, as torchvision's
+    /// `ColorJitter.get_params` draws them.
     fn draw(&mut self) -> Jitter {
         let s = self.strengths;
+        let order = self.rng.order();
         let mut factor =
             |strength: f64| self.rng.uniform((1.0 - strength).max(0.0), 1.0 + strength);
         Jitter {
@@ -634,6 +740,7 @@ impl JitterInvariance {
             contrast: factor(s.contrast),
             saturation: factor(s.saturation),
             hue: self.rng.uniform(-s.hue, s.hue),
+            order,
         }
     }
 }
@@ -980,6 +1087,7 @@ mod tests {
             contrast: 0.5,
             saturation: 0.0,
             hue: 0.3,
+            order: ColourTransform::ALL,
         };
         // Brightness: 0.3, 0.9 (mean 0.6); contrast 0.5 halves the distance to the mean.
         let expected = Tensor::from_slice(&[0.45f32, 0.75]).view([1, 1, 1, 2]);
@@ -1035,7 +1143,7 @@ mod tests {
             student: net.model(),
             teacher: Some(net.model()),
             normalisation: cifar(),
-            strengths: Jitter {
+            strengths: Strengths {
                 brightness: 0.0,
                 contrast: 0.0,
                 saturation: 0.0,
@@ -1049,7 +1157,7 @@ mod tests {
         assert_eq!(scalar(&values, "jitter_invariance"), 100.0);
         assert_eq!(scalar(&values, "teacher_jitter_invariance"), 100.0);
 
-        metric.strengths = Jitter {
+        metric.strengths = Strengths {
             brightness: 0.4,
             contrast: 0.4,
             saturation: 0.4,
@@ -1092,13 +1200,12 @@ mod tests {
         assert!(trellis_sdk::parse_config::<AdversarialConfig>(keys).is_err());
     }
 
-    #[test]
-    fn jitter_factors_follow_torchvision_ranges() {
-        let mut metric = JitterInvariance {
+    fn torchvision_metric() -> JitterInvariance {
+        JitterInvariance {
             student: Linear::random(6, 1.0).model(),
             teacher: None,
             normalisation: cifar(),
-            strengths: Jitter {
+            strengths: Strengths {
                 brightness: 0.4,
                 contrast: 0.4,
                 saturation: 0.4,
@@ -1107,7 +1214,12 @@ mod tests {
             seed: 0,
             rng: SplitMix64(0),
             totals: None,
-        };
+        }
+    }
+
+    #[test]
+    fn jitter_factors_follow_torchvision_ranges() {
+        let mut metric = torchvision_metric();
         let draws: Vec<Jitter> = (0..2000).map(|_| metric.draw()).collect();
         for (get, lo, hi) in [
             ((|j: &Jitter| j.brightness) as fn(&Jitter) -> f64, 0.6, 1.4),
@@ -1124,5 +1236,112 @@ mod tests {
                 "{min}..{max} does not fill {lo}..{hi}"
             );
         }
+    }
+
+    #[test]
+    fn jitter_order_is_a_uniform_permutation_drawn_per_image() {
+        let mut metric = torchvision_metric();
+        let draws: Vec<Jitter> = (0..2400).map(|_| metric.draw()).collect();
+        let mut counts = std::collections::HashMap::new();
+        for j in &draws {
+            for t in ColourTransform::ALL {
+                assert!(j.order.contains(&t), "{:?} is not a permutation", j.order);
+            }
+            *counts.entry(j.order).or_insert(0) += 1;
+        }
+        // 24 orders, 100 draws each expected (standard deviation ≈ 9.8).
+        assert_eq!(counts.len(), 24, "{counts:?}");
+        assert!(
+            counts.values().all(|&n| (65..=135).contains(&n)),
+            "{counts:?}"
+        );
+        let changes = draws
+            .windows(2)
+            .filter(|w| w[0].order != w[1].order)
+            .count();
+        assert!(
+            changes > 2000,
+            "the order changes from image to image: {changes}"
+        );
+
+        // Every evaluation starts the generator afresh: image i gets the same order again.
+        metric.reset().unwrap();
+        let again: Vec<Jitter> = (0..2400).map(|_| metric.draw()).collect();
+        assert_eq!(draws, again);
+    }
+
+    /// One image `[3, H, W]` jittered by the formulas, one transform after the other in the
+    /// jitter's order.
+    fn jitter_by_hand(image: &Tensor, j: &Jitter) -> Tensor {
+        let size = image.size();
+        let grey =
+            |x: &Tensor| (x.get(0) * 0.299 + x.get(1) * 0.587 + x.get(2) * 0.114).unsqueeze(0);
+        let mut x = image.shallow_clone();
+        for t in j.order {
+            x = match t {
+                ColourTransform::Brightness => &x * j.brightness,
+                ColourTransform::Contrast => {
+                    let mean = grey(&x).mean(Kind::Float);
+                    &x * j.contrast + mean * (1.0 - j.contrast)
+                }
+                ColourTransform::Saturation => &x * j.saturation + grey(&x) * (1.0 - j.saturation),
+                ColourTransform::Hue => {
+                    let m: Vec<f32> = hue_matrix(j.hue)
+                        .into_iter()
+                        .flatten()
+                        .map(|v| v as f32)
+                        .collect();
+                    Tensor::from_slice(&m)
+                        .view([3, 3])
+                        .matmul(&x.view([3, -1]))
+                        .view(size.as_slice())
+                }
+            }
+            .clamp(0.0, 1.0);
+        }
+        x
+    }
+
+    #[test]
+    fn each_image_is_jittered_in_its_own_order_as_by_hand() {
+        use ColourTransform::*;
+        tch::manual_seed(5);
+        let images = Tensor::rand([3, 3, 4, 4], (Kind::Float, Device::Cpu));
+        // Strong enough that clipping bites, so no two transforms commute.
+        let strong = Jitter {
+            brightness: 1.4,
+            contrast: 0.6,
+            saturation: 1.4,
+            hue: 0.15,
+            order: ColourTransform::ALL,
+        };
+        let jitters = [
+            Jitter {
+                order: [Hue, Saturation, Contrast, Brightness],
+                ..strong
+            },
+            Jitter {
+                order: [Contrast, Brightness, Hue, Saturation],
+                ..strong
+            },
+            strong,
+        ];
+        let jittered = colour_jitter(&images, &jitters).unwrap();
+        for (i, j) in jitters.iter().enumerate() {
+            let expected = jitter_by_hand(&images.get(i as i64), j);
+            assert!(close(&jittered.get(i as i64), &expected), "image {i}");
+        }
+        // The order matters: the same strengths in torchvision's listed order give another image.
+        let listed = colour_jitter(&images, &[strong, strong, strong]).unwrap();
+        for i in 0..2 {
+            assert!(!close(&jittered.get(i), &listed.get(i)), "image {i}");
+        }
+        assert!(close(&jittered.get(2), &listed.get(2)));
+
+        let twice = Jitter {
+            order: [Hue, Hue, Contrast, Brightness],
+            ..strong
+        };
+        assert!(colour_jitter(&images.narrow(0, 0, 1), &[twice]).is_err());
     }
 }
