@@ -941,6 +941,13 @@ pub fn apply_override(doc: &mut toml_edit::DocumentMut, assignment: &str) -> Res
         let item = table
             .entry(k)
             .or_insert_with(|| toml_edit::Item::Table(toml_edit::Table::new()));
+        // `subset = { per_class = 100 }` is a table too, written on one line.
+        if item.is_inline_table() {
+            let inline = std::mem::take(item);
+            *item = inline
+                .into_table()
+                .map_or_else(|other| other, toml_edit::Item::Table);
+        }
         table = match item {
             toml_edit::Item::Table(t) => t,
             // `[[metrics]]` and `[[distillers]]`: the next segment picks one by position.
@@ -1168,6 +1175,20 @@ momentum = 0.9
         assert!(e.contains("has 2 entries"), "{e}");
         let e = err(&text, &["metrics.bins=5"]);
         assert!(e.contains("name one by its position"), "{e}");
+    }
+
+    #[test]
+    fn overrides_reach_into_inline_tables() {
+        let text = format!("{BASE}\n[data]\nsubset = {{ per_class = 100 }}\n");
+        let (_dir, path) = write(&text);
+        let c = LoadedConfig::load(&path, &["data.subset.per_class=500".into()]).unwrap();
+        let subset = toml::to_string(&c.config.data.subset).unwrap();
+        assert!(subset.contains("per_class = 500"), "{subset}");
+        let e = err(&text, &["data.subset.fraction=0.5"]);
+        assert!(
+            e.contains("exactly one of `per_class` or `fraction`"),
+            "{e}"
+        );
     }
 
     #[test]
