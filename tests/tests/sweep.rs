@@ -248,3 +248,42 @@ fn a_killed_sweep_resumes_to_its_runs_alone_and_slurm_and_report_agree() {
     assert!(log.contains("epoch 4/4"), "{log}");
     assert!(!log.contains('\x1b'), "no colour codes in train.log");
 }
+
+/// The seed's experiments (examples/seed/, full and short): every sweep expands to the runs its
+/// header promises, and every run's config loads with its overrides (inherited files, paths and
+/// keys), without training.
+#[test]
+fn the_seed_experiment_sweeps_expand_and_every_run_config_loads() {
+    let seed = workspace_root().join("examples/seed");
+    for (file, runs) in [
+        ("pruning_after_100_sweep.toml", 60),
+        ("tempbalance_sweep.toml", 10),
+        ("fc_augment_sweep.toml", 18),
+        ("kd_sweep.toml", 6),
+        ("linearized_sweep.toml", 6),
+        ("short/pruning_after_100_sweep.toml", 30),
+        ("short/tempbalance_sweep.toml", 10),
+        ("short/fc_augment_sweep.toml", 6),
+        ("short/kd_sweep.toml", 6),
+        ("short/linearized_sweep.toml", 6),
+    ] {
+        let sweep = trellis::sweep::Sweep::load(&seed.join(file), &[]).unwrap();
+        let expanded = sweep.runs();
+        assert_eq!(expanded.len(), runs, "{file}");
+        let mut configs = std::collections::BTreeSet::new();
+        for run in &expanded {
+            let cfg = trellis::config::LoadedConfig::load(&run.config, &run.overrides)
+                .unwrap_or_else(|e| panic!("{file} {}: {e:#}", run.id));
+            configs.insert(format!("{:?}", cfg.config));
+        }
+        assert_eq!(configs.len(), runs, "{file}: two runs are the same run");
+    }
+    // The KD student compares with the independent student the sweep trains first, by its id.
+    let kd = trellis::sweep::Sweep::load(&seed.join("short/kd_sweep.toml"), &[]).unwrap();
+    let student = std::fs::read_to_string(seed.join("short/kd_student.toml")).unwrap();
+    assert!(
+        student.contains(&format!("/{}/model.safetensors", kd.runs()[0].id)),
+        "{}",
+        kd.runs()[0].id
+    );
+}
