@@ -188,15 +188,7 @@ pub fn report(opts: &ReportOptions) -> Result<()> {
                     row.extend(["baseline".into(), String::new(), String::new()]);
                     continue;
                 }
-                let base = values(&groups[b], m);
-                let diff = s.mean - summarize(&base).mean;
-                let welch = welch_t_test(&v, &base);
-                let interval = bootstrap_diff_interval(&v, &base, RESAMPLES, 0.95, BOOTSTRAP_SEED);
-                let noise = interval.is_some_and(|(lo, hi)| lo <= 0.0 && hi >= 0.0)
-                    || welch.is_some_and(|w| w.p >= 0.05);
-                row.push(format!("{diff:+.4}{}", if noise { " ~" } else { "" }));
-                row.push(welch.map_or("—".into(), |w| format!("{:.3}", w.p)));
-                row.push(interval.map_or("—".into(), |(lo, hi)| format!("[{lo:+.4}, {hi:+.4}]")));
+                row.extend(comparison(&v, &values(&groups[b], m)));
             }
         }
         table.rows.push(row);
@@ -501,6 +493,24 @@ fn group(runs: &[Run], keys: &[String]) -> Vec<Group> {
     groups
 }
 
+/// The Δ, Welch p-value and bootstrap-interval cells of a group's values against the baseline's.
+fn comparison(values: &[f64], base: &[f64]) -> [String; 3] {
+    if values.is_empty() || base.is_empty() {
+        // A metric only one side has (fc_augment's refiner_top1): nothing to compare.
+        return ["—".into(), "—".into(), "—".into()];
+    }
+    let diff = summarize(values).mean - summarize(base).mean;
+    let welch = welch_t_test(values, base);
+    let interval = bootstrap_diff_interval(values, base, RESAMPLES, 0.95, BOOTSTRAP_SEED);
+    let noise = interval.is_some_and(|(lo, hi)| lo <= 0.0 && hi >= 0.0)
+        || welch.is_some_and(|w| w.p >= 0.05);
+    [
+        format!("{diff:+.4}{}", if noise { " ~" } else { "" }),
+        welch.map_or("—".into(), |w| format!("{:.3}", w.p)),
+        interval.map_or("—".into(), |(lo, hi)| format!("[{lo:+.4}, {hi:+.4}]")),
+    ]
+}
+
 fn final_test(records: &[EpochRecord]) -> BTreeMap<String, f64> {
     records
         .iter()
@@ -654,6 +664,14 @@ mod tests {
         assert_eq!(groups.len(), 2);
         assert_eq!(groups[0].label, "pruner.use=snip");
         assert_eq!(groups[0].runs, [0, 1]);
+    }
+
+    #[test]
+    fn a_metric_the_baseline_lacks_is_not_compared() {
+        assert_eq!(comparison(&[78.6, 78.7], &[]), ["—", "—", "—"]);
+        assert_eq!(comparison(&[], &[83.4]), ["—", "—", "—"]);
+        let [diff, p, _] = comparison(&[1.0, 2.0, 3.0], &[1.0, 2.0, 3.0]);
+        assert_eq!((diff.as_str(), p.as_str()), ("+0.0000 ~", "1.000"));
     }
 
     #[test]
