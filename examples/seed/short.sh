@@ -18,10 +18,19 @@ jobs=${JOBS:-2}
     { echo "Fashion-MNIST is missing: apt-get install dataset-fashion-mnist" >&2; exit 1; }
 mkdir -p "$out"
 
+# The command as one would type it: arguments with characters the shell reads, in quotes.
+shown() {
+    local arg words=()
+    for arg in "$@"; do
+        if [[ $arg =~ ^[A-Za-z0-9_./=,:-]+$ ]]; then words+=("$arg"); else words+=("\"$arg\""); fi
+    done
+    echo "${words[*]}"
+}
+
 # Runs one command, printing it, and appends it and its output (a report table) to $part.
 report() {
-    echo "+ $*" >&2
-    { printf '```sh\n%s\n```\n\n' "$*"; "$@"; echo; } >> "$part"
+    echo "+ $(shown "$@")" >&2
+    { printf '```sh\n%s\n```\n\n' "$(shown "$@")"; "$@"; echo; } >> "$part"
 }
 
 sweep() {
@@ -46,7 +55,8 @@ experiment() {
         ;;
     fc_augment)
         sweep examples/seed/short/fc_augment_sweep.toml --out "$out/fc_augment" --jobs "$jobs"
-        report "$trellis" report "$out/fc_augment" --metric top1 --metric refiner_top1 \
+        report "$trellis" report "$out/fc_augment" --group-by distillers.0.use \
+            --baseline "distillers.0.use=(none)" --metric top1 --metric refiner_top1 \
             --out "$out/fc_augment/report"
         ;;
     kd)
@@ -56,11 +66,13 @@ experiment() {
         fi
         # One at a time: the distilled runs compare with the independent student of seed 0.
         sweep examples/seed/short/kd_sweep.toml --out "$out/kd" --jobs 1
-        report "$trellis" report "$out/kd" --out "$out/kd/report"
+        report "$trellis" report "$out/kd" --group-by distillers.0.use \
+            --baseline "distillers.0.use=(none)" --out "$out/kd/report"
         ;;
     linearized)
         sweep examples/seed/short/linearized_sweep.toml --out "$out/linearized" --jobs "$jobs"
-        report "$trellis" report "$out/linearized" --metric top1 --metric ntk_alignment \
+        report "$trellis" report "$out/linearized" --group-by model.use \
+            --baseline "model.use=(none)" --metric top1 --metric ntk_alignment \
             --out "$out/linearized/report"
         ;;
     *)
