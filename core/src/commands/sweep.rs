@@ -57,6 +57,7 @@ pub fn sweep(opts: &SweepOptions) -> Result<()> {
     if opts.jobs == 0 {
         bail!("--jobs 0 runs nothing\n  help: pass 1 or more");
     }
+    this_binary()?;
     let sweep = Sweep::load(&opts.file, &opts.grid)?;
     let runs = sweep.runs();
     // Every run's config is checked before any starts: a typo in the grid fails now, not after
@@ -120,7 +121,7 @@ pub fn sweep(opts: &SweepOptions) -> Result<()> {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "sweep".into());
-        let exe = std::env::current_exe().context("cannot find this trellis binary")?;
+        let exe = this_binary()?;
         std::fs::write(&script, slurm_script(&name, &exe, &out, &runs))
             .with_context(|| format!("cannot write {}", script.display()))?;
         use std::os::unix::fs::PermissionsExt as _;
@@ -312,6 +313,18 @@ fn run_state(dir: &Path) -> Result<String> {
     })
 }
 
+/// The path of this binary, read once when the sweep starts. Rebuilding trellis while a sweep
+/// runs replaces the file: `/proc/self/exe` then names the deleted one, which cannot be started,
+/// while the path holds the rebuilt binary that the runs after it start from.
+fn this_binary() -> Result<PathBuf> {
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    if let Some(path) = PATH.get() {
+        return Ok(path.clone());
+    }
+    let path = std::env::current_exe().context("cannot find this trellis binary")?;
+    Ok(PATH.get_or_init(|| path).clone())
+}
+
 fn start(
     run: &SweepRun,
     index: usize,
@@ -324,8 +337,8 @@ fn start(
     let dir = out.join(&run.id);
     // A run of an earlier sweep killed with it may still be writing its checkpoint.
     wait_unlocked(&dir)?;
-    let exe = std::env::current_exe().context("cannot find this trellis binary")?;
-    let mut cmd = Command::new(exe);
+    let exe = this_binary()?;
+    let mut cmd = Command::new(&exe);
     cmd.arg("run").arg(&run.config);
     for o in &run.overrides {
         cmd.arg("--set").arg(o);
@@ -350,9 +363,17 @@ fn start(
         .open(&log_path)
         .with_context(|| format!("cannot write {}", log_path.display()))?;
     cmd.stdout(log.try_clone()?).stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("cannot start run {}", run.id))?;
+    let mut child = cmd.spawn().map_err(|e| {
+        let mut message = format!("cannot start run {}: {e}", run.id);
+        if e.kind() == std::io::ErrorKind::NotFound {
+            message += &format!(
+                "\n  help: {} was removed while the sweep ran; build or restore it and run the \
+                 same command again: finished runs are kept and the others resume",
+                exe.display()
+            );
+        }
+        anyhow::anyhow!(message)
+    })?;
     let status = Arc::new(Mutex::new(String::from("starting")));
     let stderr = child.stderr.take().expect("piped");
     let seen = status.clone();
