@@ -67,7 +67,9 @@ experiment() {
         # One at a time: the distilled runs compare with the independent student of seed 0.
         sweep examples/seed/short/kd_sweep.toml --out "$out/kd" --jobs 1
         report "$trellis" report "$out/kd" --group-by distillers.0.use \
-            --baseline "distillers.0.use=(none)" --out "$out/kd/report"
+            --baseline "distillers.0.use=(none)" --metric top1 --metric teacher_agreement \
+            --metric adversarial_transfer --metric jitter_invariance --metric localization \
+            --out "$out/kd/report"
         ;;
     linearized)
         sweep examples/seed/short/linearized_sweep.toml --out "$out/linearized" --jobs "$jobs"
