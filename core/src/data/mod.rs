@@ -23,9 +23,9 @@ pub use cifar::{read_cifar10, read_cifar100};
 pub use idx::{read_idx_dataset, IdxDataset, FASHION_MNIST, FASHION_MNIST_DIR, KMNIST, MNIST};
 pub use image_folder::{class_names, read_image_folder};
 pub use loader::{Batch, Loader, LoaderOptions, PREFETCH};
-pub use subset::{
-    cifar2, class_balanced_batch, class_balanced_indices, random_indices, stratified_subset,
-};
+#[cfg(test)]
+pub use subset::class_balanced_batch;
+pub use subset::{cifar2, class_balanced_indices, random_indices, stratified_subset};
 pub use synthetic::synthetic;
 
 /// Per-channel statistics of the CIFAR training sets (pixel values scaled to [0, 1]), as used

@@ -1,9 +1,11 @@
 //! Class-aware views of a dataset: stratified subsets, the CIFAR-2 relabelling, and the
-//! class-balanced scoring batch used by pruners.
+//! scoring samples of pruners (class-balanced or random indices).
 
 use anyhow::bail;
+#[cfg(test)]
 use tch::{Device, Tensor};
 
+#[cfg(test)]
 use super::augment::{normalize_batch, Normalize};
 use super::rng::Rng;
 use super::{Dataset, Subset};
@@ -86,7 +88,9 @@ pub fn cifar2(ds: &Dataset) -> Dataset {
 /// `samples_per_class` samples of every class (fewer for a class that does not have that many),
 /// drawn with `seed`, grouped by class in class order, normalised but not augmented: a fixed,
 /// balanced batch for pruners' saliency scores. Returns `(inputs f32 [B, C, H, W], targets i64
-/// [B])` on `device`.
+/// [B])` on `device`. The scoring batches are built from [`class_balanced_indices`] now; this
+/// stays as the tests' record of the batch they must still equal.
+#[cfg(test)]
 pub fn class_balanced_batch(
     ds: &Dataset,
     samples_per_class: usize,
