@@ -47,6 +47,49 @@ pub struct RunConfig {
     /// Where the record of each epoch goes besides `metrics.jsonl`.
     #[serde(default, skip_serializing_if = "LogConfig::is_default")]
     pub log: LogConfig,
+    /// How the ranks of a data-parallel run talk (`trellis run --nproc N`, torchrun, srun).
+    #[serde(default, skip_serializing_if = "DistributedConfig::is_default")]
+    pub distributed: DistributedConfig,
+}
+
+/// `[distributed]`: the c10d process group of a data-parallel run. Ignored by a run of one
+/// process.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistributedConfig {
+    pub backend: DistBackend,
+    /// How long a collective (or the rendezvous) may wait for the other ranks before the run
+    /// fails, naming the rank and the operation: a rank that died or hangs.
+    pub timeout_s: f64,
+    /// Gradients are all-reduced in buckets of about this many MiB (DistributedDataParallel's
+    /// default is 25).
+    pub bucket_mb: f64,
+}
+
+impl Default for DistributedConfig {
+    fn default() -> Self {
+        DistributedConfig {
+            backend: DistBackend::Auto,
+            timeout_s: 300.0,
+            bucket_mb: 25.0,
+        }
+    }
+}
+
+impl DistributedConfig {
+    pub fn is_default(&self) -> bool {
+        *self == DistributedConfig::default()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DistBackend {
+    /// NCCL for a CUDA run, Gloo on the CPU.
+    #[default]
+    Auto,
+    Gloo,
+    Nccl,
 }
 
 /// `[log]`: the sinks each epoch's record is written to. `metrics.jsonl` is always written (a
@@ -473,6 +516,16 @@ impl LoadedConfig {
                 "train.eval_batch_size must be at least 1",
                 None,
             ));
+        }
+        let d = &c.distributed;
+        for (name, value) in [("timeout_s", d.timeout_s), ("bucket_mb", d.bucket_mb)] {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(self.error_at(
+                    &key("distributed", name),
+                    &format!("distributed.{name} must be a positive number, not {value}"),
+                    None,
+                ));
+            }
         }
         if c.train.eval_every == 0 || c.train.checkpoint_every == 0 {
             return Err(self.error_at(

@@ -6,6 +6,7 @@
 //!   can ask the host for.
 //! - [`train`]: the loop; [`prune`]: masks and their enforcement; [`checkpoint`]: saving and
 //!   resuming; [`report`]: logs and tables.
+//! - [`distributed`]: data-parallel ranks and what they do together.
 //! - [`esd`]: the per-layer spectral diagnostics `trellis esd` prints.
 //! - [`commands`]: one module per `trellis` subcommand, driving the above.
 pub mod best;
@@ -14,6 +15,7 @@ pub mod commands;
 pub mod compare;
 pub mod config;
 pub mod data;
+pub mod distributed;
 pub mod esd;
 pub mod layers;
 pub mod models;

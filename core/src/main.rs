@@ -42,6 +42,11 @@ enum Command {
         /// No progress bar, only log lines.
         #[arg(long)]
         quiet: bool,
+        /// Train data-parallel on N local processes (ranks), as torchrun would start them; each
+        /// takes its slice of every batch (train.batch_size stays the global batch). Under
+        /// torchrun or srun, leave it out: the ranks come from the environment.
+        #[arg(long, value_name = "N")]
+        nproc: Option<usize>,
     },
     /// Run every combination of a grid of config values, each as its own `trellis run` in
     /// OUT/<id>, `--jobs` at a time; re-running the same command skips finished runs and resumes
@@ -73,6 +78,10 @@ enum Command {
         /// No progress bars, only a line per run.
         #[arg(long)]
         quiet: bool,
+        /// Each run as N data-parallel ranks (`trellis run --nproc N`; with --emit slurm, N
+        /// Slurm tasks started by srun).
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        nproc: usize,
     },
     /// Tables of mean ± std over seeds of finished runs, one row per group (with a baseline:
     /// the difference, Welch's t-test and a bootstrap interval), and their learning curves.
@@ -213,10 +222,14 @@ minus the baseline's, p is Welch's two-sided t-test, the interval a 95 % percent
 
 fn main() -> ExitCode {
     trellis::commands::sweep::follow_parent();
+    // The ranks after the first of a data-parallel run say only what goes wrong: rank 0 reports.
+    let follower = std::env::var("RANK").is_ok_and(|r| r.trim() != "0")
+        || std::env::var("SLURM_PROCID").is_ok_and(|r| r.trim() != "0");
+    let default_level = if follower { "warn" } else { "info" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(trellis::train_log::Tee)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -231,16 +244,22 @@ fn main() -> ExitCode {
             resume,
             stop_after,
             quiet,
-        } => commands::run::run(&RunOptions {
-            config,
-            overrides,
-            out,
-            manifest,
-            resume,
-            stop_after,
-            progress: !quiet,
-        })
-        .map(|_| ()),
+            nproc,
+        } => {
+            let opts = RunOptions {
+                config,
+                overrides,
+                out,
+                manifest,
+                resume,
+                stop_after,
+                progress: !quiet,
+            };
+            match nproc {
+                Some(n) if n != 1 => commands::launch::launch(&opts, n),
+                _ => commands::run::run(&opts).map(|_| ()),
+            }
+        }
         Command::Sweep {
             file,
             grid,
@@ -250,6 +269,7 @@ fn main() -> ExitCode {
             manifest,
             emit,
             quiet,
+            nproc,
         } => commands::sweep::sweep(&commands::sweep::SweepOptions {
             file,
             grid,
@@ -259,6 +279,7 @@ fn main() -> ExitCode {
             manifest,
             emit,
             progress: !quiet,
+            nproc,
         }),
         Command::Report {
             dirs,
@@ -337,6 +358,13 @@ fn main() -> ExitCode {
             Some(interrupted) => {
                 eprintln!("{interrupted}");
                 ExitCode::from(commands::run::INTERRUPTED_EXIT)
+            }
+            None if e.is::<commands::launch::RankFailed>() => {
+                let failed = e
+                    .downcast_ref::<commands::launch::RankFailed>()
+                    .expect("checked");
+                eprintln!("error: {failed}");
+                ExitCode::from(failed.code)
             }
             None => {
                 eprintln!("error: {e:#}");

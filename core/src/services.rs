@@ -152,6 +152,8 @@ pub struct RunState {
     /// Batches served to components, independent of the training loop's own order.
     host_batches: RefCell<Option<Loader>>,
     host_epoch: Cell<usize>,
+    /// `(rank, world size)` of a data-parallel run; `(0, 1)` alone.
+    pub world: Cell<(u32, u32)>,
 }
 
 impl RunState {
@@ -187,6 +189,7 @@ impl RunState {
             config_dir,
             host_batches: RefCell::new(None),
             host_epoch: Cell::new(0),
+            world: Cell::new((0, 1)),
         })
     }
 
@@ -244,6 +247,10 @@ pub struct RunHost(pub Rc<RunState>);
 const HOST_BATCH_STREAM: usize = 1 << 40;
 
 impl HostServices for RunHost {
+    fn rank_and_world_size(&self) -> (u32, u32) {
+        self.0.world.get()
+    }
+
     fn model(&self) -> Result<Model> {
         match self.0.model.borrow().clone() {
             Some(model) => Ok(Model::new(ModelView(model))),

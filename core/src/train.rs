@@ -15,7 +15,8 @@ use trellis_sdk::{
 
 use crate::checkpoint::TrainingState;
 use crate::config::{component_text, DeviceChoice, LoadedConfig, Loss, TablePath};
-use crate::data::{self, Dataset, Loader, LoaderOptions, Normalize};
+use crate::data::{self, Dataset, Loader, LoaderOptions, Normalize, Shard};
+use crate::distributed::Dist;
 use crate::models::{ModelSpec, Network};
 use crate::plugin_host::{Component, Registry};
 use crate::prune::{Masks, Pruning};
@@ -303,6 +304,8 @@ pub(crate) struct Trainer<'a> {
     /// Set by SIGINT or SIGTERM (`trellis run`): the epoch ends with [`Interrupted`] before
     /// its next step, the step under way finished.
     pub(crate) interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// The other ranks of a data-parallel run ([`crate::distributed`]).
+    pub(crate) dist: Option<Rc<Dist>>,
 }
 
 /// The error [`Trainer::train_epoch`] ends with when [`Trainer::interrupt`] is set.
@@ -323,7 +326,37 @@ impl Trainer<'_> {
         if let Some(p) = &mut self.pruning {
             if p.due(self.step) {
                 p.prune(&self.state, self.step)?;
+                // A pruner may draw (GraSP's re-initialised classifier, a random pruner): the
+                // ranks take rank 0's masks and weights.
+                if self.dist.is_some() {
+                    self.synchronize("after pruning")?;
+                }
             }
+        }
+        Ok(())
+    }
+
+    /// What rank 0 holds that every rank must hold the same: parameters, buffers (batch-norm
+    /// statistics), distillers' trainable parameters and the masks.
+    fn replicated(&self) -> Vec<Tensor> {
+        let net = self.model.net();
+        let mut tensors: Vec<Tensor> = net.parameters().into_iter().map(|(_, _, t)| t).collect();
+        tensors.extend(net.buffers().into_iter().map(|(_, t)| t));
+        for (_, params) in &self.distiller_params {
+            tensors.extend(params.iter().map(|(_, t)| t.shallow_clone()));
+        }
+        if let Some(masks) = self.masks() {
+            tensors.extend(masks.tensors().into_iter().map(|(_, t)| t));
+        }
+        tensors
+    }
+
+    /// Gives every rank rank 0's weights, buffers and masks (a no-op alone): at the start, from
+    /// whatever each rank initialised or loaded, and after pruning.
+    pub(crate) fn synchronize(&self, when: &str) -> Result<()> {
+        if let Some(d) = &self.dist {
+            d.broadcast_from_rank0(&self.replicated())
+                .with_context(|| format!("while giving every rank rank 0's weights {when}"))?;
         }
         Ok(())
     }
@@ -434,10 +467,16 @@ impl Trainer<'_> {
         let mut loss_sum = Tensor::zeros([], (Kind::Double, self.state.device));
         let mut samples = 0i64;
         let mut since_check = 0;
+        // With other ranks, each rank stops where all agreed to (the step after any of them was
+        // interrupted), so every rank issues the same collectives.
+        let mut stop_agreed = false;
         let has_next_epoch = epoch + 1 < c.train.epochs && !self.stop_when_pruned;
         for (i, batch) in loader.by_ref().enumerate() {
-            let stop = self.interrupt.as_ref();
-            if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
+            let stop = match &self.dist {
+                None => self.interrupted_here(),
+                Some(_) => stop_agreed,
+            };
+            if stop {
                 progress.finish_epoch();
                 return Err(Interrupted.into());
             }
@@ -467,6 +506,7 @@ impl Trainer<'_> {
                 batch = h.callback.batch_start(batch, at).map_err(sdk_error)?;
             }
             let loss = self.forward_backward(&batch, replace_task_loss, at)?;
+            let n = batch.targets.size()[0];
             for h in self.callbacks_for(Events::AFTER_BACKWARD) {
                 h.callback.after_backward(at).map_err(sdk_error)?;
             }
@@ -479,21 +519,28 @@ impl Trainer<'_> {
                 h.callback.after_step(at).map_err(sdk_error)?;
             }
             self.step += 1;
-            let n = batch.targets.size()[0];
             samples += n;
-            loss_sum += loss.to_kind(Kind::Double) * n as f64;
+            if n > 0 {
+                loss_sum += loss.to_kind(Kind::Double) * n as f64;
+            }
             progress.step();
             since_check += 1;
             if since_check == check_every {
                 since_check = 0;
-                let mean = loss_sum.double_value(&[]) / samples as f64;
+                let (sum, count, stop) = self.epoch_loss(&loss_sum, samples)?;
+                stop_agreed = stop;
+                let mean = sum / count;
                 check_finite(mean, epoch, self.step)?;
                 progress.message(format!("loss {mean:.4}"));
             }
         }
         progress.finish_epoch();
-        let mean = loss_sum.double_value(&[]) / samples.max(1) as f64;
+        let (sum, count, _) = self.epoch_loss(&loss_sum, samples)?;
+        let mean = sum / count.max(1.0);
         check_finite(mean, epoch, self.step)?;
+        if let Some(d) = &self.dist {
+            d.check_identical(&self.replicated(), &format!("after epoch {}", epoch + 1))?;
+        }
         if !self.stop_when_pruned {
             let info = self.epoch_info(epoch + 1);
             for h in self.callbacks_for(Events::EPOCH_END) {
@@ -501,6 +548,27 @@ impl Trainer<'_> {
             }
         }
         Ok((mean, loader.waits()))
+    }
+
+    fn interrupted_here(&self) -> bool {
+        self.interrupt
+            .as_ref()
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    /// The loss summed over the epoch's samples so far, their number, and whether a rank was
+    /// interrupted: over every rank of a data-parallel run (one small all-reduce), which then
+    /// all see the same loss, stop at the same step and fail on the same NaN.
+    fn epoch_loss(&self, loss_sum: &Tensor, samples: i64) -> Result<(f64, f64, bool)> {
+        let here = (loss_sum.double_value(&[]), samples as f64);
+        match &self.dist {
+            None => Ok((here.0, here.1, self.interrupted_here())),
+            Some(d) => {
+                let flag = f64::from(u8::from(self.interrupted_here()));
+                let all = d.sum(&[here.0, here.1, flag])?;
+                Ok((all[0], all[1], all[2] > 0.0))
+            }
+        }
     }
 
     fn step_info(&self, epoch: usize) -> StepInfo {
@@ -536,6 +604,16 @@ impl Trainer<'_> {
         replace_task_loss: bool,
         at: StepInfo,
     ) -> Result<Tensor> {
+        let rows = batch.targets.size()[0];
+        if let Some(d) = self.dist.clone() {
+            if rows == 0 {
+                // A short final batch left this rank no rows: it adds nothing to the gradient
+                // but still takes part in its all-reduce.
+                self.zero_grad();
+                d.reduce_gradients(&self.all_params, 0.0)?;
+                return Ok(Tensor::zeros([], (Kind::Float, self.state.device)));
+            }
+        }
         let autocast = self.cfg.config.train.autocast.kind();
         let model = &self.model;
         let (logits, features) =
@@ -573,6 +651,10 @@ impl Trainer<'_> {
         if let Some(masks) = self.masks() {
             masks.mask_gradients();
         }
+        if let Some(d) = &self.dist {
+            let share = rows as f64 / self.global_rows() as f64;
+            d.reduce_gradients(&self.all_params, share)?;
+        }
         Ok(loss.detach())
     }
 
@@ -607,9 +689,29 @@ impl Trainer<'_> {
         self.components.optimizer.step().map_err(sdk_error)
     }
 
+    /// The rows of the global batch this step trains on: `train.batch_size`, except a short
+    /// final batch of the epoch.
+    fn global_rows(&self) -> i64 {
+        let t = &self.cfg.config.train;
+        let n = self.loader_data.len();
+        let last = self.step % self.steps_per_epoch == self.steps_per_epoch - 1;
+        if last && !t.drop_last && !n.is_multiple_of(t.batch_size) {
+            (n % t.batch_size) as i64
+        } else {
+            t.batch_size as i64
+        }
+    }
+
     fn train_loader(&self, epoch: usize) -> Loader {
         let c = &self.cfg.config;
-        Loader::new(
+        let shard = match &self.dist {
+            Some(d) => Shard::Rows {
+                rank: d.rank(),
+                world: d.world_size(),
+            },
+            None => Shard::Whole,
+        };
+        Loader::sharded(
             self.loader_data.clone(),
             LoaderOptions {
                 batch_size: c.train.batch_size,
@@ -621,6 +723,7 @@ impl Trainer<'_> {
                 device: self.state.device,
                 normalize: self.state.normalize.clone(),
             },
+            shard,
         )
     }
 
@@ -652,7 +755,23 @@ impl Trainer<'_> {
         }
         if wants_batches.contains(&true) {
             let _no_grad = tch::no_grad_guard();
-            let loader = Loader::new(
+            // DistributedDataParallel's ranks keep rank 0's batch-norm statistics.
+            if let Some(d) = &self.dist {
+                let buffers: Vec<Tensor> = self
+                    .model
+                    .net()
+                    .buffers()
+                    .into_iter()
+                    .map(|(_, t)| t)
+                    .collect();
+                d.broadcast_from_rank0(&buffers)
+                    .context("while giving every rank rank 0's batch-norm statistics")?;
+            }
+            let (rank, world) = self
+                .dist
+                .as_ref()
+                .map_or((0, 1), |d| (d.rank(), d.world_size()));
+            let mut loader = Loader::sharded(
                 test.clone(),
                 LoaderOptions {
                     batch_size: c.train.eval_batch_size,
@@ -664,28 +783,47 @@ impl Trainer<'_> {
                     device: self.state.device,
                     normalize: self.state.normalize.clone(),
                 },
+                if world > 1 {
+                    Shard::Batches { rank, world }
+                } else {
+                    Shard::Whole
+                },
             );
+            let batches = Loader::batches_per_epoch(test.len(), c.train.eval_batch_size, false);
             let mut progress = Progress::new(self.show_progress);
-            progress.start_evaluation(Loader::batches_per_epoch(
-                test.len(),
-                c.train.eval_batch_size,
-                false,
-            ) as u64);
-            for batch in loader {
-                let model = &self.model;
-                let (logits, features) = crate::models::autocast(c.train.autocast.kind(), || {
-                    model.forward(&batch.inputs)
-                })?;
-                let batch = Batch {
-                    inputs: batch.inputs,
-                    targets: batch.targets,
+            progress.start_evaluation(batches as u64);
+            // Each round, every rank evaluates one batch; all of them then feed every rank's
+            // metrics in the one-process order.
+            for _ in 0..batches.div_ceil(world) {
+                let mine = match loader.next() {
+                    Some(batch) => {
+                        let model = &self.model;
+                        let (logits, features) =
+                            crate::models::autocast(c.train.autocast.kind(), || {
+                                model.forward(&batch.inputs)
+                            })?;
+                        Some((
+                            Batch {
+                                inputs: batch.inputs,
+                                targets: batch.targets,
+                            },
+                            Outputs { logits, features },
+                        ))
+                    }
+                    None => None,
                 };
-                let outputs = Outputs { logits, features };
-                let metrics = self.components.metrics.iter_mut().zip(&wants_batches);
-                for (m, _) in metrics.filter(|(_, wants)| **wants) {
-                    m.update(&batch, &outputs).map_err(sdk_error)?;
+                let round = match &self.dist {
+                    None => vec![mine],
+                    Some(d) => gather_evaluated(d, mine)
+                        .context("while gathering the ranks' evaluation batches")?,
+                };
+                for (batch, outputs) in round.into_iter().flatten() {
+                    let metrics = self.components.metrics.iter_mut().zip(&wants_batches);
+                    for (m, _) in metrics.filter(|(_, wants)| **wants) {
+                        m.update(&batch, &outputs).map_err(sdk_error)?;
+                    }
+                    progress.step();
                 }
-                progress.step();
             }
             progress.finish_epoch();
         }
@@ -808,6 +946,36 @@ impl Trainer<'_> {
     }
 }
 
+/// Every rank's evaluated batch of a round (or nothing, past the last batch), in rank order:
+/// batch `b` is rank `b % world`'s, so this is the one-process order.
+fn gather_evaluated(
+    dist: &Dist,
+    mine: Option<(Batch, Outputs)>,
+) -> Result<Vec<Option<(Batch, Outputs)>>> {
+    let part = |f: fn(&(Batch, Outputs)) -> &Tensor| dist.gather_rows(mine.as_ref().map(f));
+    let inputs = part(|(b, _)| &b.inputs)?;
+    let targets = part(|(b, _)| &b.targets)?;
+    let logits = part(|(_, o)| &o.logits)?;
+    let features = part(|(_, o)| &o.features)?;
+    Ok(inputs
+        .into_iter()
+        .zip(targets)
+        .zip(logits.into_iter().zip(features))
+        .map(|((inputs, targets), (logits, features))| {
+            Some((
+                Batch {
+                    inputs: inputs?,
+                    targets: targets?,
+                },
+                Outputs {
+                    logits: logits?,
+                    features: features?,
+                },
+            ))
+        })
+        .collect())
+}
+
 fn check_finite(loss: f64, epoch: usize, step: u64) -> Result<()> {
     if !loss.is_finite() {
         bail!(
@@ -845,12 +1013,17 @@ fn setup_model(
     cfg: &LoadedConfig,
     manifest: Option<&Path>,
     run_dir: Option<PathBuf>,
+    dist: Option<&Dist>,
 ) -> Result<ModelSetup> {
     let c = &cfg.config;
     if c.train.threads > 0 {
         tch::set_num_threads(c.train.threads as i32);
     }
-    let device = resolve_device(c.train.device)?;
+    let device = match (resolve_device(c.train.device)?, dist) {
+        // One GPU per rank on each machine, as torchrun's LOCAL_RANK says.
+        (Device::Cuda(_), Some(d)) => Device::Cuda(d.world().local_rank),
+        (device, _) => device,
+    };
 
     tch::manual_seed(c.train.seed as i64);
     let splits = data::load(&c.data, &cfg.dir(), c.train.seed)?;
@@ -881,6 +1054,9 @@ fn setup_model(
         run_dir,
         cfg.dir(),
     );
+    if let Some(d) = dist {
+        state.world.set((d.rank() as u32, d.world_size() as u32));
+    }
     let host = RunHost(state.clone());
     let registry = Rc::new(load_registry(cfg, manifest)?);
     *state.registry.borrow_mut() = Some(registry.clone());
@@ -903,13 +1079,15 @@ pub(crate) fn build_run_model(
     cfg: &LoadedConfig,
     manifest: Option<&Path>,
 ) -> Result<Rc<SharedModel>> {
-    Ok(setup_model(cfg, manifest, None)?.model)
+    Ok(setup_model(cfg, manifest, None, None)?.model)
 }
 
+/// `dist`: the other ranks of a data-parallel run; the trainer trains its shard with them.
 pub(crate) fn prepare<'a>(
     cfg: &'a LoadedConfig,
     manifest: Option<&Path>,
     run_dir: Option<PathBuf>,
+    dist: Option<Rc<Dist>>,
 ) -> Result<Prepared<'a>> {
     let c = &cfg.config;
     let ModelSetup {
@@ -920,7 +1098,7 @@ pub(crate) fn prepare<'a>(
         train_data,
         test_data,
         device,
-    } = setup_model(cfg, manifest, run_dir)?;
+    } = setup_model(cfg, manifest, run_dir, dist.as_deref())?;
     let mut components = create_components(cfg, &registry, &host)?;
 
     // Parameter groups.
@@ -993,6 +1171,7 @@ pub(crate) fn prepare<'a>(
         stop_when_pruned: false,
         show_progress: false,
         interrupt: None,
+        dist,
     };
     Ok(Prepared {
         trainer,

@@ -3,6 +3,7 @@
 //! only its command's options and output.
 pub mod esd;
 pub mod info;
+pub mod launch;
 pub mod plugin_new;
 pub mod plugins;
 pub mod prune;

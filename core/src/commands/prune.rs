@@ -116,7 +116,7 @@ pub fn prune(opts: &PruneOptions) -> Result<Masks> {
 /// `trellis prune`'s run: set up exactly as `trellis run` would, trained up to the pruning point
 /// (not at all for `at_step = 0`), pruned, and stopped. Returns the pruning with its masks.
 fn run_until_pruned(cfg: &LoadedConfig, manifest: Option<&Path>, inspect: bool) -> Result<Pruning> {
-    let Prepared { mut trainer, .. } = prepare(cfg, manifest, None)?;
+    let Prepared { mut trainer, .. } = prepare(cfg, manifest, None, None)?;
     let Some(pruning) = &mut trainer.pruning else {
         bail!("the config has no [pruner] table");
     };

@@ -51,6 +51,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -62,6 +63,7 @@ use trellis_sdk::{EpochInfo, Role};
 use crate::best::KeepBest;
 use crate::checkpoint::{self, Record};
 use crate::config::LoadedConfig;
+use crate::distributed::{Dist, World};
 use crate::plugin_host::Registry;
 use crate::prune;
 use crate::report::{summary_table, table_map, EpochRecord, MetricsLog, Progress};
@@ -115,7 +117,7 @@ impl std::error::Error for RunInterrupted {}
 pub const INTERRUPTED_EXIT: u8 = 130;
 
 /// Config keys a resumed run may change: they change nothing that the run computes.
-pub const NEUTRAL_KEYS: &[&str] = &["train.checkpoint_every"];
+pub const NEUTRAL_KEYS: &[&str] = &["train.checkpoint_every", "distributed.timeout_s"];
 
 /// Runs one config end to end.
 pub fn run(opts: &RunOptions) -> Result<RunSummary> {
@@ -128,32 +130,37 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary> {
     let cfg = LoadedConfig::load(&opts.config, &opts.overrides)?;
     let c = &cfg.config;
     // Before the run directory exists, so a bad device leaves nothing behind.
-    resolve_device(c.train.device)?;
+    let device = resolve_device(c.train.device)?;
+    let dist = match World::from_env()? {
+        Some(world) => {
+            let device = match device {
+                Device::Cuda(_) => Device::Cuda(world.local_rank),
+                other => other,
+            };
+            Some(Rc::new(Dist::connect(world, &c.distributed, device)?))
+        }
+        None => None,
+    };
+    if let Some(d) = dist.as_ref().filter(|d| d.rank() > 0) {
+        return follow(opts, &cfg, d.clone());
+    }
     let run_dir = opts
         .out
         .clone()
         .unwrap_or_else(|| default_run_dir(&opts.config));
     let signals = Signals::install()?;
     let command = resume_command(opts, &run_dir);
-    let mut dir = RunDir::open(&run_dir, opts.resume, command, c.train.epochs)?;
-    let plan = dir.plan(opts.resume)?;
-    if let (Plan::Continue(record, _), Some(stop)) = (&plan, opts.stop_after) {
-        if stop <= record.epoch {
-            bail!(
-                "--stop-after {stop}: the run in {} is already checkpointed after epoch {} of {}\n  \
-                 help: --stop-after counts the epochs of the whole run: pass more than {}, or leave it \
-                 out to finish the run",
-                run_dir.display(),
-                record.epoch,
-                c.train.epochs,
-                record.epoch
-            );
-        }
-    }
+    let opened = open_run_dir(opts, &run_dir, command, c.train.epochs);
+    let (mut dir, plan) = agree(dist.as_deref(), opened, "opening the run directory")?;
 
     // Everything that can refuse runs before anything is written.
     let set_up = (|| {
-        let prepared = prepare(&cfg, opts.manifest.as_deref(), Some(run_dir.clone()))?;
+        let prepared = prepare(
+            &cfg,
+            opts.manifest.as_deref(),
+            Some(run_dir.clone()),
+            dist.clone(),
+        )?;
         let resolved = resolved_config(&cfg)?;
         let plugins = plugin_records(&cfg, &prepared.registry);
         if !matches!(plan, Plan::Fresh) {
@@ -166,7 +173,7 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary> {
         }
         Ok((prepared, resolved, plugins))
     })();
-    let (prepared, resolved, plugins) = match set_up {
+    let (prepared, resolved, plugins) = match agree(dist.as_deref(), set_up, "setting up") {
         Ok(set_up) => set_up,
         Err(e) => {
             dir.abandon();
@@ -181,7 +188,15 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary> {
         device,
         ..
     } = prepared;
-    let (start_epoch, records) = match &plan {
+    if let Some(d) = &dist {
+        // The other ranks load the same checkpoint from the run directory.
+        let record = match &plan {
+            Plan::Continue(record, _) => serde_json::to_vec(record)?,
+            Plan::Fresh | Plan::Restart => Vec::new(),
+        };
+        d.broadcast_bytes(&record)?;
+    }
+    let resumed = (|| match &plan {
         Plan::Continue(record, mark) => {
             let records = MetricsLog::read_to(&run_dir, mark)?;
             if record.epoch > 0 && records.last().map(|r| r.epoch) != Some(record.epoch) {
@@ -193,11 +208,13 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary> {
                     record.epoch
                 );
             }
-            (resume(&run_dir, &mut trainer, record)?, records)
+            Ok((resume(&run_dir, &mut trainer, record)?, records))
         }
-        Plan::Fresh | Plan::Restart => (0, Vec::new()),
-    };
-    if signals.any.load(Ordering::SeqCst) {
+        Plan::Fresh | Plan::Restart => Ok((0, Vec::new())),
+    })();
+    let (start_epoch, records) = agree(dist.as_deref(), resumed, "loading the checkpoint")?;
+    trainer.synchronize("at the start")?;
+    if any_rank(dist.as_deref(), &signals)? {
         dir.abandon();
         return Err(RunInterrupted {
             message: format!(
@@ -265,7 +282,7 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary> {
             }
             records.push(record);
             let done = epoch + 1;
-            let interrupted = signals.any.load(Ordering::SeqCst);
+            let interrupted = any_rank(trainer.dist.as_deref(), &signals)?;
             let stopped = done == last_epoch && last_epoch < epochs;
             if done.is_multiple_of(c.train.checkpoint_every)
                 || done == epochs
@@ -321,6 +338,108 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary> {
     })
 }
 
+/// `RunDir::open` and its plan, refusing a `--stop-after` the run is already past.
+fn open_run_dir(
+    opts: &RunOptions,
+    run_dir: &Path,
+    command: String,
+    epochs: usize,
+) -> Result<(RunDir, Plan)> {
+    let dir = RunDir::open(run_dir, opts.resume, command, epochs)?;
+    let plan = dir.plan(opts.resume)?;
+    if let (Plan::Continue(record, _), Some(stop)) = (&plan, opts.stop_after) {
+        if stop <= record.epoch {
+            bail!(
+                "--stop-after {stop}: the run in {} is already checkpointed after epoch {} of {}\n  \
+                 help: --stop-after counts the epochs of the whole run: pass more than {}, or leave it \
+                 out to finish the run",
+                run_dir.display(),
+                record.epoch,
+                epochs,
+                record.epoch
+            );
+        }
+    }
+    Ok((dir, plan))
+}
+
+/// `outcome` when every rank (or the one process) succeeded; see [`Dist::agree`].
+fn agree<T>(dist: Option<&Dist>, outcome: Result<T>, what: &str) -> Result<T> {
+    match dist {
+        Some(d) => d.agree(outcome, what),
+        None => outcome,
+    }
+}
+
+/// Whether this process, or any rank, was sent SIGINT or SIGTERM: all ranks stop together.
+fn any_rank(dist: Option<&Dist>, signals: &Signals) -> Result<bool> {
+    let here = signals.any.load(Ordering::SeqCst);
+    match dist {
+        Some(d) => d.any(here),
+        None => Ok(here),
+    }
+}
+
+/// A rank after the first of a data-parallel run: it trains its shard beside rank 0 and writes
+/// nothing; rank 0 keeps the run directory. It goes through the same collectives as rank 0 in
+/// [`run`], in the same order.
+fn follow(opts: &RunOptions, cfg: &LoadedConfig, dist: Rc<Dist>) -> Result<RunSummary> {
+    let c = &cfg.config;
+    let signals = Signals::install()?;
+    dist.agree(Ok(()), "opening the run directory")?;
+    let prepared = prepare(cfg, opts.manifest.as_deref(), None, Some(dist.clone()));
+    let Prepared {
+        mut trainer,
+        test_data,
+        ..
+    } = dist.agree(prepared, "setting up")?;
+    let record = dist.broadcast_bytes(&[])?;
+    let resumed = (|| -> Result<usize> {
+        if record.is_empty() {
+            return Ok(0);
+        }
+        let record: Record = serde_json::from_slice(&record)
+            .context("rank 0 sent a checkpoint record this rank cannot read")?;
+        let Some(run_dir) = &opts.out else {
+            bail!("rank {} resumes without --out", dist.rank());
+        };
+        resume(run_dir, &mut trainer, &record)
+    })();
+    let start_epoch = dist.agree(resumed, "loading the checkpoint")?;
+    trainer.synchronize("at the start")?;
+    let stopped = || RunInterrupted {
+        message: format!(
+            "rank {} of {} stopped with the others on {}",
+            dist.rank(),
+            dist.world_size(),
+            signals.name()
+        ),
+    };
+    if any_rank(Some(&dist), &signals)? {
+        return Err(stopped().into());
+    }
+    trainer.interrupt = Some(signals.any.clone());
+    let epochs = c.train.epochs;
+    let last_epoch = opts.stop_after.map_or(epochs, |s| s.min(epochs));
+    let mut progress = Progress::new(false);
+    let started = Instant::now();
+    trainer.prune_if_due()?;
+    for epoch in start_epoch..last_epoch {
+        match train_and_record(&mut trainer, &test_data, epoch, &mut progress, started) {
+            Err(e) if e.downcast_ref::<Interrupted>().is_some() => return Err(stopped().into()),
+            record => record?,
+        };
+        if any_rank(Some(&dist), &signals)? && epoch + 1 < last_epoch {
+            return Err(stopped().into());
+        }
+    }
+    Ok(RunSummary {
+        run_dir: opts.out.clone().unwrap_or_default(),
+        records: Vec::new(),
+        finished: last_epoch == epochs,
+    })
+}
+
 /// `train.log` is appended to for as long as this value lives.
 struct TrainLog;
 
@@ -349,7 +468,7 @@ enum Outcome {
     },
 }
 
-fn default_run_dir(config: &Path) -> PathBuf {
+pub(crate) fn default_run_dir(config: &Path) -> PathBuf {
     let stem = config
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())

@@ -47,6 +47,29 @@ pub struct LoaderOptions {
     pub normalize: Normalize,
 }
 
+/// Which part of each epoch one rank of a data-parallel run takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shard {
+    /// Everything: a run of one process.
+    Whole,
+    /// Training: every batch of the shuffled order is the global batch; rank `rank` takes its
+    /// contiguous slice of it ([`Shard::rows`]), so `world` ranks together see exactly the
+    /// batches (and augmentation draws) one process would.
+    Rows { rank: usize, world: usize },
+    /// Evaluation: whole batches, batch `b` to rank `b % world`.
+    Batches { rank: usize, world: usize },
+}
+
+impl Shard {
+    /// The rows `[start, end)` of a global batch of `len` that rank `rank` of `world` takes: the
+    /// first `len % world` ranks one more than the others.
+    pub fn rows(len: usize, rank: usize, world: usize) -> (usize, usize) {
+        let (base, extra) = (len / world, len % world);
+        let start = rank * base + rank.min(extra);
+        (start, start + base + usize::from(rank < extra))
+    }
+}
+
 /// The batches of one epoch, as an iterator. Build a new `Loader` for every epoch.
 pub struct Loader {
     // An Option so that Drop can close the channel before joining the worker.
@@ -67,6 +90,13 @@ impl Loader {
     /// Panics if `batch_size` is 0 or `normalize` does not match the image channels, both
     /// programming errors rather than data problems.
     pub fn new<D: Borrow<Dataset>>(ds: D, opts: LoaderOptions) -> Loader {
+        Loader::sharded(ds, opts, Shard::Whole)
+    }
+
+    /// [`Loader::new`] for one rank of a data-parallel run: the same order and draws as one
+    /// process, of which this rank gets its `shard`. With [`Shard::Rows`] a rank's slice of a
+    /// short final batch may be empty.
+    pub fn sharded<D: Borrow<Dataset>>(ds: D, opts: LoaderOptions, shard: Shard) -> Loader {
         let ds: &Dataset = ds.borrow();
         assert!(
             opts.batch_size > 0,
@@ -75,7 +105,11 @@ impl Loader {
         let [c, h, w] = ds.image_shape().map(|d| d as usize);
         let tables = opts.normalize.lookup_tables(c);
         let n = ds.len();
-        let total = Loader::batches_per_epoch(n, opts.batch_size, opts.drop_last);
+        let global_total = Loader::batches_per_epoch(n, opts.batch_size, opts.drop_last);
+        let total = match shard {
+            Shard::Batches { rank, world } => global_total.saturating_sub(rank).div_ceil(world),
+            Shard::Whole | Shard::Rows { .. } => global_total,
+        };
         // `Dataset` is not `Sync`, so the worker gets its own handles to the same storage.
         let data = ds.shallow_clone();
         let (tx, rx) = sync_channel::<Batch>(PREFETCH);
@@ -93,16 +127,25 @@ impl Loader {
                     Device::Cpu => (None, data.label_vec()),
                     device => (Some(DeviceData::new(&data, &tables, device)), Vec::new()),
                 };
-                for chunk in order.chunks(opts.batch_size).take(total) {
+                for (b, chunk) in order.chunks(opts.batch_size).take(global_total).enumerate() {
                     // Three draws per sample, in batch order: the draws depend on (seed, epoch)
                     // only, not on how or where the work is done.
                     let draws: Vec<Draw> = chunk
                         .iter()
                         .map(|_| Draw::new(&mut aug_rng, augment))
                         .collect();
+                    let (chunk, draws) = match shard {
+                        Shard::Whole => (chunk, &draws[..]),
+                        Shard::Rows { rank, world } => {
+                            let (start, end) = Shard::rows(chunk.len(), rank, world);
+                            (&chunk[start..end], &draws[start..end])
+                        }
+                        Shard::Batches { rank, world } if b % world == rank => (chunk, &draws[..]),
+                        Shard::Batches { .. } => continue,
+                    };
                     let batch = match &on_device {
-                        Some(d) => d.batch(chunk, &draws),
-                        None => host_batch(&data, &labels, chunk, &draws, [c, h, w], &tables),
+                        Some(d) => d.batch(chunk, draws),
+                        None => host_batch(&data, &labels, chunk, draws, [c, h, w], &tables),
                     };
                     if tx.send(batch).is_err() {
                         // The Loader was dropped mid-epoch: nobody wants the rest.
@@ -426,6 +469,37 @@ mod tests {
         let all = normalize_batch(&ds.images, &opts(5, 0).normalize, Device::Cpu);
         assert!(cat_inputs(&plain).equal(&all.index_select(0, &idx)));
         assert!(!cat_inputs(&a).equal(&cat_inputs(&plain)));
+    }
+
+    #[test]
+    fn shards_of_the_ranks_put_back_together_are_the_one_process_batches() {
+        // 37 images in batches of 5: the last batch has 2 rows, fewer than the 3 ranks.
+        let ds = toy(37);
+        let whole: Vec<Batch> = Loader::new(&ds, opts(5, 2)).collect();
+        let world = 3;
+        let rows: Vec<Vec<Batch>> = (0..world)
+            .map(|rank| Loader::sharded(&ds, opts(5, 2), Shard::Rows { rank, world }).collect())
+            .collect();
+        for (b, batch) in whole.iter().enumerate() {
+            let parts: Vec<&Batch> = rows.iter().map(|r| &r[b]).collect();
+            let sizes: Vec<i64> = parts.iter().map(|p| p.targets.size()[0]).collect();
+            let expected = if b == 7 { vec![1, 1, 0] } else { vec![2, 2, 1] };
+            assert_eq!(sizes, expected, "batch {b}");
+            let targets = Tensor::cat(&parts.iter().map(|p| &p.targets).collect::<Vec<_>>(), 0);
+            let inputs = Tensor::cat(&parts.iter().map(|p| &p.inputs).collect::<Vec<_>>(), 0);
+            assert!(targets.equal(&batch.targets), "batch {b}");
+            assert!(inputs.equal(&batch.inputs), "batch {b}: same draws");
+        }
+        // Evaluation: whole batches dealt round-robin.
+        for rank in 0..world {
+            let mine: Vec<Batch> =
+                Loader::sharded(&ds, opts(5, 2), Shard::Batches { rank, world }).collect();
+            let expected: Vec<&Batch> = whole.iter().skip(rank).step_by(world).collect();
+            assert_eq!(mine.len(), expected.len());
+            for (m, e) in mine.iter().zip(expected) {
+                assert!(m.inputs.equal(&e.inputs) && m.targets.equal(&e.targets));
+            }
+        }
     }
 
     #[test]

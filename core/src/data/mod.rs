@@ -22,7 +22,7 @@ pub use augment::{augment_batch, augment_into, lookup_table_tensor, normalize_ba
 pub use cifar::{read_cifar10, read_cifar100};
 pub use idx::{read_idx_dataset, IdxDataset, FASHION_MNIST, FASHION_MNIST_DIR, KMNIST, MNIST};
 pub use image_folder::{class_names, read_image_folder};
-pub use loader::{Batch, Loader, LoaderOptions, PREFETCH};
+pub use loader::{Batch, Loader, LoaderOptions, Shard, PREFETCH};
 #[cfg(test)]
 pub use subset::class_balanced_batch;
 pub use subset::{cifar2, class_balanced_indices, random_indices, stratified_subset};
