@@ -387,8 +387,16 @@ pub fn shell_quote(arg: &str) -> String {
 }
 
 /// An `sbatch --array` script whose task N runs line N of `runs.tsv` through `trellis run`,
-/// resuming its own checkpoint when requeued (and doing nothing when the run is finished).
-pub fn slurm_script(name: &str, trellis: &Path, dir: &Path, runs: &[SweepRun]) -> String {
+/// resuming its own checkpoint when requeued (and doing nothing when the run is finished). With
+/// `nproc` > 1 each task is `nproc` Slurm tasks that srun starts as the ranks of one
+/// data-parallel run.
+pub fn slurm_script(
+    name: &str,
+    trellis: &Path,
+    dir: &Path,
+    runs: &[SweepRun],
+    nproc: usize,
+) -> String {
     let mut s = String::new();
     let q = |p: &Path| shell_quote(&p.display().to_string());
     let _ = writeln!(s, "#!/bin/bash");
@@ -405,6 +413,9 @@ pub fn slurm_script(name: &str, trellis: &Path, dir: &Path, runs: &[SweepRun]) -
     let _ = writeln!(s, "#SBATCH --output={}/logs/%a.log", dir.display());
     let _ = writeln!(s, "#SBATCH --open-mode=append");
     let _ = writeln!(s, "#SBATCH --requeue");
+    if nproc > 1 {
+        let _ = writeln!(s, "#SBATCH --ntasks={nproc}");
+    }
     let _ = writeln!(s, "set -euo pipefail");
     let _ = writeln!(s, "trellis=${{TRELLIS:-{}}}", q(trellis));
     let _ = writeln!(
@@ -431,6 +442,9 @@ pub fn slurm_script(name: &str, trellis: &Path, dir: &Path, runs: &[SweepRun]) -
         runs.len().saturating_sub(1)
     );
     let _ = writeln!(s, "esac");
+    // srun starts the ranks of a multi-rank run; they find each other through Slurm's
+    // variables (crate::distributed::World).
+    let _ = writeln!(s, "launch={}", if nproc > 1 { "srun" } else { "" });
     let _ = writeln!(
         s,
         "# The CPUs Slurm gave the task; 0 leaves them to libtorch. The same on every requeue, as a\n\
@@ -440,9 +454,9 @@ pub fn slurm_script(name: &str, trellis: &Path, dir: &Path, runs: &[SweepRun]) -
            if grep -q '\"state\": *\"finished\"' \"$out/state.json\"; then\n    \
              echo \"$out is finished\"; exit 0\n  \
            fi\n  \
-           exec \"$trellis\" run \"${{args[@]}}\" --resume\n\
+           exec $launch \"$trellis\" run \"${{args[@]}}\" --resume\n\
          fi\n\
-         exec \"$trellis\" run \"${{args[@]}}\""
+         exec $launch \"$trellis\" run \"${{args[@]}}\""
     );
     s
 }

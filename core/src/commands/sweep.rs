@@ -43,6 +43,9 @@ pub struct SweepOptions {
     pub manifest: Option<PathBuf>,
     pub emit: Option<Emit>,
     pub progress: bool,
+    /// Each run as this many data-parallel ranks (`trellis run --nproc`), which split the run's
+    /// threads; 1 for runs of one process.
+    pub nproc: usize,
 }
 
 struct Job {
@@ -56,6 +59,9 @@ struct Job {
 pub fn sweep(opts: &SweepOptions) -> Result<()> {
     if opts.jobs == 0 {
         bail!("--jobs 0 runs nothing\n  help: pass 1 or more");
+    }
+    if opts.nproc == 0 {
+        bail!("--nproc 0: a run needs at least one process\n  help: pass 1 or more");
     }
     this_binary()?;
     let sweep = Sweep::load(&opts.file, &opts.grid)?;
@@ -76,7 +82,8 @@ pub fn sweep(opts: &SweepOptions) -> Result<()> {
             .map(|n| n.get())
             .unwrap_or(1)
     });
-    let per_job = (total_threads / opts.jobs).max(1);
+    // Threads of each process: a run's ranks split its share.
+    let per_job = (total_threads / opts.jobs / opts.nproc).max(1);
     let mut lines = Vec::with_capacity(runs.len());
     let existing = read_tsv(&tsv)?;
     if let Some(existing) = &existing {
@@ -122,7 +129,7 @@ pub fn sweep(opts: &SweepOptions) -> Result<()> {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "sweep".into());
         let exe = this_binary()?;
-        std::fs::write(&script, slurm_script(&name, &exe, &out, &runs))
+        std::fs::write(&script, slurm_script(&name, &exe, &out, &runs, opts.nproc))
             .with_context(|| format!("cannot write {}", script.display()))?;
         use std::os::unix::fs::PermissionsExt as _;
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
@@ -349,6 +356,9 @@ fn start(
         cmd.arg("--manifest").arg(m);
     }
     cmd.arg("--out").arg(&dir).arg("--quiet");
+    if opts.nproc > 1 {
+        cmd.arg("--nproc").arg(opts.nproc.to_string());
+    }
     if dir.join("state.json").exists() {
         cmd.arg("--resume");
     }
@@ -487,6 +497,10 @@ fn sweep_command(opts: &SweepOptions) -> String {
         args.push("--jobs".into());
         args.push(opts.jobs.to_string());
     }
+    if opts.nproc > 1 {
+        args.push("--nproc".into());
+        args.push(opts.nproc.to_string());
+    }
     if let Some(t) = opts.threads {
         args.push("--threads".into());
         args.push(t.to_string());
@@ -512,7 +526,7 @@ pub fn follow_parent() {
     let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM));
     // The sweep may have died before the line above: then this process has another parent.
     if rustix::process::getppid().map(|p| p.as_raw_nonzero().get()) != Some(parent) {
-        eprintln!("error: the sweep that started this run (pid {parent}) has ended");
+        eprintln!("error: the sweep or launcher that started this run (pid {parent}) has ended");
         std::process::exit(crate::commands::run::INTERRUPTED_EXIT.into());
     }
 }
