@@ -64,6 +64,10 @@ pub struct DistributedConfig {
     /// Gradients are all-reduced in buckets of about this many MiB (DistributedDataParallel's
     /// default is 25).
     pub bucket_mb: f64,
+    /// Batch norm layers of the built-in architectures normalise over the global batch while
+    /// training (PyTorch's SyncBatchNorm). Off, each rank normalises over its own rows, as
+    /// DistributedDataParallel does, and evaluation uses rank 0's running statistics.
+    pub sync_bn: bool,
 }
 
 impl Default for DistributedConfig {
@@ -72,6 +76,7 @@ impl Default for DistributedConfig {
             backend: DistBackend::Auto,
             timeout_s: 300.0,
             bucket_mb: 25.0,
+            sync_bn: false,
         }
     }
 }
@@ -518,6 +523,19 @@ impl LoadedConfig {
             ));
         }
         let d = &c.distributed;
+        if d.sync_bn {
+            if let ModelSpec::Plugin(m) = &c.model {
+                return Err(self.error_at(
+                    &key("distributed", "sync_bn"),
+                    &format!(
+                        "distributed.sync_bn applies to the built-in architectures' batch norm; \
+                         model `{}` is a plugin's",
+                        m.component
+                    ),
+                    Some("remove sync_bn, or use a built-in `arch`"),
+                ));
+            }
+        }
         for (name, value) in [("timeout_s", d.timeout_s), ("bucket_mb", d.bucket_mb)] {
             if !(value.is_finite() && value > 0.0) {
                 return Err(self.error_at(

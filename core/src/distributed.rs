@@ -182,26 +182,28 @@ impl Dist {
         Ok(())
     }
 
-    /// Sums `share ×` each rank's gradient of `params` into every rank's, in buckets; with
-    /// `share` the rank's fraction of the global batch, the result is the gradient of the
-    /// global batch's mean loss. Parameters without a gradient are left out (the same on every
-    /// rank: every rank runs the same network).
-    pub fn reduce_gradients(&self, params: &[Tensor], share: f64) -> Result<()> {
+    /// The weight of a rank's mean loss over its `rows` of a global batch of `global_rows`: the
+    /// weighted losses of the ranks sum to the global batch's mean loss.
+    pub fn gradient_share(&self, rows: i64, global_rows: i64) -> f64 {
+        // For the test that shows a broken average is caught: each rank's loss counted whole.
+        if std::env::var_os("TRELLIS_FAULT_UNWEIGHTED_GRADIENTS").is_some() {
+            return 1.0;
+        }
+        rows as f64 / global_rows as f64
+    }
+
+    /// Sums each rank's gradient of `params` (of its loss weighted by
+    /// [`Dist::gradient_share`]) into every rank's, in buckets. Parameters without a gradient
+    /// are left out (the same on every rank: every rank runs the same network).
+    pub fn reduce_gradients(&self, params: &[Tensor]) -> Result<()> {
         let _no_grad = tch::no_grad_guard();
         let grads: Vec<Tensor> = params
             .iter()
             .map(Tensor::grad)
             .filter(Tensor::defined)
             .collect();
-        // For the test that shows a broken average is caught: each rank's gradient unweighted.
-        let share = if std::env::var_os("TRELLIS_FAULT_UNWEIGHTED_GRADIENTS").is_some() {
-            1.0
-        } else {
-            share
-        };
         for bucket in buckets(&grads, self.bucket_bytes) {
             let mut flat = flatten(&bucket, self.device);
-            flat *= share;
             self.group
                 .all_reduce(&mut flat, Op::Sum)
                 .map_err(|e| self.lost(e))?;
@@ -239,6 +241,32 @@ impl Dist {
             )),
             Ok(value) => Ok(value),
         }
+    }
+
+    /// Batch normalisation in training mode over every rank's batch (see
+    /// [`trellis_dist::ProcessGroup::sync_batch_norm`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn sync_batch_norm(
+        &self,
+        input: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        running_mean: &mut Tensor,
+        running_var: &mut Tensor,
+        momentum: f64,
+        eps: f64,
+    ) -> Result<Tensor> {
+        self.group
+            .sync_batch_norm(
+                input,
+                weight,
+                bias,
+                running_mean,
+                running_var,
+                momentum,
+                eps,
+            )
+            .map_err(|e| self.lost(e))
     }
 
     /// Rank 0's `bytes` on every rank (what other ranks pass is ignored).

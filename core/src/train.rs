@@ -336,12 +336,15 @@ impl Trainer<'_> {
         Ok(())
     }
 
-    /// What rank 0 holds that every rank must hold the same: parameters, buffers (batch-norm
-    /// statistics), distillers' trainable parameters and the masks.
-    fn replicated(&self) -> Vec<Tensor> {
+    /// What every rank must hold the same: parameters, distillers' trainable parameters and
+    /// the masks; with `buffers`, the batch-norm statistics too (which each rank updates from
+    /// its own rows, unless `sync_bn`).
+    fn replicated(&self, buffers: bool) -> Vec<Tensor> {
         let net = self.model.net();
         let mut tensors: Vec<Tensor> = net.parameters().into_iter().map(|(_, _, t)| t).collect();
-        tensors.extend(net.buffers().into_iter().map(|(_, t)| t));
+        if buffers {
+            tensors.extend(net.buffers().into_iter().map(|(_, t)| t));
+        }
         for (_, params) in &self.distiller_params {
             tensors.extend(params.iter().map(|(_, t)| t.shallow_clone()));
         }
@@ -355,7 +358,7 @@ impl Trainer<'_> {
     /// whatever each rank initialised or loaded, and after pruning.
     pub(crate) fn synchronize(&self, when: &str) -> Result<()> {
         if let Some(d) = &self.dist {
-            d.broadcast_from_rank0(&self.replicated())
+            d.broadcast_from_rank0(&self.replicated(true))
                 .with_context(|| format!("while giving every rank rank 0's weights {when}"))?;
         }
         Ok(())
@@ -539,7 +542,10 @@ impl Trainer<'_> {
         let mean = sum / count.max(1.0);
         check_finite(mean, epoch, self.step)?;
         if let Some(d) = &self.dist {
-            d.check_identical(&self.replicated(), &format!("after epoch {}", epoch + 1))?;
+            d.check_identical(
+                &self.replicated(false),
+                &format!("after epoch {}", epoch + 1),
+            )?;
         }
         if !self.stop_when_pruned {
             let info = self.epoch_info(epoch + 1);
@@ -610,14 +616,19 @@ impl Trainer<'_> {
                 // A short final batch left this rank no rows: it adds nothing to the gradient
                 // but still takes part in its all-reduce.
                 self.zero_grad();
-                d.reduce_gradients(&self.all_params, 0.0)?;
+                d.reduce_gradients(&self.all_params)?;
                 return Ok(Tensor::zeros([], (Kind::Float, self.state.device)));
             }
         }
         let autocast = self.cfg.config.train.autocast.kind();
         let model = &self.model;
-        let (logits, features) =
-            crate::models::autocast(autocast, || model.forward(&batch.inputs))?;
+        let forward = || crate::models::autocast(autocast, || model.forward(&batch.inputs));
+        let (logits, features) = match &self.dist {
+            Some(d) if self.cfg.config.distributed.sync_bn => {
+                crate::models::sync_batch_norm(d, forward)??
+            }
+            _ => forward()?,
+        };
         let mut loss = if replace_task_loss {
             Tensor::zeros([], (Kind::Float, self.state.device))
         } else {
@@ -647,13 +658,24 @@ impl Trainer<'_> {
             }
         }
         self.zero_grad();
-        loss.backward();
+        match &self.dist {
+            None => loss.backward(),
+            Some(d) => {
+                // Each rank's loss weighted by its share of the global batch: the sum over the
+                // ranks is the global batch's loss, whose gradient the all-reduce sums. (Scaled
+                // here rather than the gradients after, so that what sync batch norm's backward
+                // all-reduces is in the same units on every rank.)
+                let share = d.gradient_share(rows, self.global_rows());
+                (&loss * share)
+                    .f_backward()
+                    .map_err(|e| anyhow!("backward pass: {e}"))?;
+            }
+        }
         if let Some(masks) = self.masks() {
             masks.mask_gradients();
         }
         if let Some(d) = &self.dist {
-            let share = rows as f64 / self.global_rows() as f64;
-            d.reduce_gradients(&self.all_params, share)?;
+            d.reduce_gradients(&self.all_params)?;
         }
         Ok(loss.detach())
     }

@@ -6,8 +6,10 @@
 // into Rust would abort the process, and a dead peer or a timeout must be an error the caller can
 // act on (exit naming the rank, resume from a checkpoint), not a crash.
 
+#include <ATen/ATen.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
@@ -79,6 +81,106 @@ c10::intrusive_ptr<c10d::Store> group_store(TrellisStore* store) {
 // a silent peer: Gloo enforces the group's timeout inside each transfer, and NCCL (with the
 // blocking wait set up in trellis_dist_nccl) raises past it in wait().
 void finish(const c10::intrusive_ptr<c10d::Work>& work) { work->wait(); }
+
+void all_reduce_sum(TrellisGroup* group, at::Tensor& tensor) {
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> tensors{tensor};
+  c10d::AllreduceOptions options;
+  options.reduceOp = c10d::ReduceOp::SUM;
+  finish(group->backend->allreduce(tensors, options));
+}
+
+// Batch normalisation over the batch of every rank, as PyTorch's SyncBatchNorm: the statistics
+// are those of the global batch, and so is the gradient. Forward: each rank's count, mean and
+// sum of squared deviations per channel (two passes, for accuracy) are gathered and combined in
+// float64 (Chan et al.'s parallel variance). Backward: the per-channel sums of dy and dy·(x − μ)
+// are all-reduced, so every rank's input gradient is its rows of the global batch's gradient.
+// The parameters' own gradients stay local: the trainer all-reduces those with the others.
+struct SyncBatchNorm : public torch::autograd::Function<SyncBatchNorm> {
+  static std::vector<int64_t> reduced_dims(const at::Tensor& input) {
+    std::vector<int64_t> dims{0};
+    for (int64_t d = 2; d < input.dim(); ++d) dims.push_back(d);
+    return dims;
+  }
+
+  static std::vector<int64_t> channel_view(const at::Tensor& input) {
+    std::vector<int64_t> shape(input.dim(), 1);
+    shape[1] = input.size(1);
+    return shape;
+  }
+
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input,
+                            const at::Tensor& weight, const at::Tensor& bias,
+                            at::Tensor running_mean, at::Tensor running_var, double momentum,
+                            double eps, int64_t group_address) {
+    auto* group = reinterpret_cast<TrellisGroup*>(group_address);
+    TORCH_CHECK(input.dim() >= 2, "batch norm needs a [B, C, ...] input, got ", input.sizes());
+    auto dims = reduced_dims(input);
+    auto view = channel_view(input);
+    int64_t channels = input.size(1);
+    double count = static_cast<double>(input.numel() / std::max<int64_t>(channels, 1));
+    // Sums accumulate in float64 (as libtorch's CPU batch norm does): over a batch of images
+    // they add tens of thousands of terms, and float32 would cost the gradients digits.
+    auto local_mean = at::sum(input, dims, false, at::kDouble) / count;
+    auto local_m2 =
+        at::sum((input - local_mean.to(input.scalar_type()).view(view)).square(), dims, false,
+                at::kDouble);
+    auto stats = at::cat({at::full({1}, count, local_mean.options()), local_mean, local_m2});
+    std::vector<at::Tensor> inputs{stats};
+    std::vector<at::Tensor> gathered;
+    for (int i = 0; i < group->size; ++i) gathered.push_back(at::empty_like(stats));
+    std::vector<std::vector<at::Tensor>> outputs{gathered};
+    finish(group->backend->allgather(outputs, inputs));
+    auto all = at::stack(outputs[0]);  // [world, 1 + 2C]
+    auto counts = all.narrow(1, 0, 1);
+    auto means = all.narrow(1, 1, channels);
+    auto m2s = all.narrow(1, 1 + channels, channels);
+    auto total = counts.sum();
+    auto mean = (means * counts).sum(0) / total;
+    auto m2 = m2s.sum(0) + ((means - mean).square() * counts).sum(0);
+    auto var = m2 / total;
+    double n = total.item<double>();
+    TORCH_CHECK(n > 1, "batch norm in training needs more than one value per channel");
+    {
+      at::NoGradGuard no_grad;
+      running_mean.mul_(1 - momentum).add_(mean.to(running_mean.scalar_type()), momentum);
+      running_var.mul_(1 - momentum)
+          .add_((var * (n / (n - 1))).to(running_var.scalar_type()), momentum);
+    }
+    auto mean_f = mean.to(input.scalar_type());
+    auto invstd = (var + eps).rsqrt().to(input.scalar_type());
+    ctx->save_for_backward({input, weight, mean_f, invstd});
+    ctx->saved_data["group"] = group_address;
+    ctx->saved_data["count"] = n;
+    return (input - mean_f.view(view)) * (invstd * weight).view(view) + bias.view(view);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto input = saved[0], weight = saved[1], mean = saved[2], invstd = saved[3];
+    auto* group = reinterpret_cast<TrellisGroup*>(ctx->saved_data["group"].toInt());
+    double n = ctx->saved_data["count"].toDouble();
+    auto dy = grads[0];
+    auto dims = reduced_dims(input);
+    auto view = channel_view(input);
+    int64_t channels = input.size(1);
+    auto xmu = input - mean.view(view);
+    auto sum_dy = at::sum(dy, dims, false, at::kDouble);
+    auto sum_dy_xmu = at::sum(dy * xmu, dims, false, at::kDouble);
+    auto grad_weight = (sum_dy_xmu * invstd.to(at::kDouble)).to(weight.scalar_type());
+    auto grad_bias = sum_dy.to(weight.scalar_type());
+    auto sums = at::cat({sum_dy, sum_dy_xmu});
+    all_reduce_sum(group, sums);
+    auto mean_dy = (sums.narrow(0, 0, channels) / n).to(dy.scalar_type());
+    auto mean_dy_xmu = (sums.narrow(0, channels, channels) / n).to(dy.scalar_type());
+    auto grad_input = (dy - mean_dy.view(view) -
+                       xmu * (invstd.square() * mean_dy_xmu).view(view)) *
+                      (invstd * weight).view(view);
+    return {grad_input, grad_weight, grad_bias, at::Tensor(), at::Tensor(),
+            at::Tensor(),  at::Tensor(),  at::Tensor()};
+  }
+};
 
 }  // namespace
 
@@ -222,6 +324,22 @@ int trellis_dist_all_gather(TrellisGroup* group, const at::Tensor* input, at::Te
         std::vector<std::vector<at::Tensor>> output_lists{std::move(gathered)};
         std::vector<at::Tensor> inputs{*input};
         finish(group->backend->allgather(output_lists, inputs));
+      },
+      error, error_len);
+}
+
+// The output of batch normalisation over the global batch (SyncBatchNorm above), with autograd;
+// updates the running statistics in place.
+int trellis_dist_sync_batch_norm(TrellisGroup* group, const at::Tensor* input,
+                                 const at::Tensor* weight, const at::Tensor* bias,
+                                 at::Tensor* running_mean, at::Tensor* running_var,
+                                 double momentum, double eps, at::Tensor** out, char* error,
+                                 size_t error_len) {
+  return guarded(
+      [&] {
+        auto output = SyncBatchNorm::apply(*input, *weight, *bias, *running_mean, *running_var,
+                                           momentum, eps, reinterpret_cast<int64_t>(group));
+        *out = new at::Tensor(std::move(output));
       },
       error, error_len);
 }

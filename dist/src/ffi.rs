@@ -72,6 +72,20 @@ extern "C" {
         error_len: usize,
     ) -> c_int;
     fn trellis_dist_barrier(group: *mut RawGroup, error: *mut c_char, error_len: usize) -> c_int;
+    #[allow(clippy::too_many_arguments)]
+    fn trellis_dist_sync_batch_norm(
+        group: *mut RawGroup,
+        input: *const c_void,
+        weight: *const c_void,
+        bias: *const c_void,
+        running_mean: *mut c_void,
+        running_var: *mut c_void,
+        momentum: f64,
+        eps: f64,
+        out: *mut *mut c_void,
+        error: *mut c_char,
+        error_len: usize,
+    ) -> c_int;
 }
 
 /// Room for c10d's messages, which name both ends of a connection and the timeout.
@@ -228,6 +242,49 @@ impl GroupHandle {
                 trellis_dist_all_gather(group, input, pointers.as_ptr(), pointers.len(), error, len)
             }
         })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn sync_batch_norm(
+        &self,
+        input: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        running_mean: &mut Tensor,
+        running_var: &mut Tensor,
+        momentum: f64,
+        eps: f64,
+    ) -> Result<Tensor, String> {
+        let group = self.0.as_ptr();
+        let mut out: *mut c_void = std::ptr::null_mut();
+        let running_mean = running_mean.as_mut_ptr().cast::<c_void>();
+        let running_var = running_var.as_mut_ptr().cast::<c_void>();
+        call(|error, len| {
+            // SAFETY: a live group; the three inputs are borrowed for the call and only read
+            // (autograd keeps its own references); the running statistics are borrowed mutably
+            // and updated in place; `out` is a valid place for the new tensor.
+            unsafe {
+                trellis_dist_sync_batch_norm(
+                    group,
+                    input.as_ptr().cast(),
+                    weight.as_ptr().cast(),
+                    bias.as_ptr().cast(),
+                    running_mean,
+                    running_var,
+                    momentum,
+                    eps,
+                    &mut out,
+                    error,
+                    len,
+                )
+            }
+        })?;
+        if out.is_null() {
+            return Err("the shim returned no tensor".to_string());
+        }
+        // SAFETY: on success the shim stored a heap-allocated `at::Tensor` (`new at::Tensor`),
+        // which tch takes over and frees with `delete` when the Tensor drops.
+        Ok(unsafe { Tensor::from_ptr(out.cast::<torch_sys::C_tensor>()) })
     }
 
     pub(crate) fn barrier(&self) -> Result<(), String> {

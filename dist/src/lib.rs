@@ -313,6 +313,37 @@ impl ProcessGroup {
         Ok(outputs)
     }
 
+    /// Batch normalisation in training mode over the global batch (PyTorch's SyncBatchNorm):
+    /// the statistics of every rank's rows together, and a backward pass that all-reduces what
+    /// the input gradient needs, so each rank gets its rows of the global batch's gradient.
+    /// `input` is `[B, C, ...]`; `running_mean` and `running_var` are updated in place, with
+    /// the unbiased variance, as `torch.nn.functional.batch_norm` does. The backward pass is a
+    /// collective too: every rank must run it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sync_batch_norm(
+        &self,
+        input: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        running_mean: &mut Tensor,
+        running_var: &mut Tensor,
+        momentum: f64,
+        eps: f64,
+    ) -> Result<Tensor> {
+        let context = self.context("sync batch norm", Some(input));
+        self.handle
+            .sync_batch_norm(
+                input,
+                weight,
+                bias,
+                running_mean,
+                running_var,
+                momentum,
+                eps,
+            )
+            .map_err(|raw| Error::from_cpp(context, &raw))
+    }
+
     /// Returns once every rank has reached it.
     pub fn barrier(&self) -> Result<()> {
         self.handle

@@ -169,6 +169,11 @@ fn sum_mean_broadcast_all_gather_barrier_on_two_ranks() {
 }
 
 #[test]
+fn sync_batch_norm_of_two_ranks_is_batch_norm_of_their_rows_together() {
+    run_both("sync_batch_norm");
+}
+
+#[test]
 fn a_killed_peer_is_an_error_within_the_timeout() {
     run_with_lost_peer("peer_killed", true);
 }
@@ -231,6 +236,7 @@ fn rank_process() {
         "collectives" => collectives(rank, port),
         "peer_killed" => lost_peer(rank, port, true),
         "peer_silent" => lost_peer(rank, port, false),
+        "sync_batch_norm" => sync_batch_norm(rank, port),
         other => panic!("unknown scenario {other}"),
     }
 }
@@ -389,4 +395,66 @@ fn lost_peer(rank: usize, port: u16, killed: bool) {
         again.as_ref().err().map(|e| e.to_string())
     );
     assert!(again.is_err());
+}
+
+/// Both ranks build the same global batch (unequal halves: 5 rows and 3) and weights; each
+/// normalises its rows over both ranks. Outputs, running statistics and gradients must equal
+/// libtorch's batch norm of the whole batch, the gradients of scale and shift once summed.
+fn sync_batch_norm(rank: usize, port: u16) {
+    let store = Store::tcp("127.0.0.1", port, 2, rank == 0, TIMEOUT).unwrap();
+    let group = ProcessGroup::gloo(&store, rank, 2, TIMEOUT).unwrap();
+    tch::manual_seed(11);
+    let options = (Kind::Float, Device::Cpu);
+    let x = Tensor::randn([8, 3, 4, 4], options) * 1.5 + 0.3;
+    let upstream = Tensor::randn([8, 3, 4, 4], options);
+    let weight = (Tensor::rand([3], options) + 0.5).set_requires_grad(true);
+    let bias = Tensor::randn([3], options).set_requires_grad(true);
+    let (start, rows) = if rank == 0 { (0, 5) } else { (5, 3) };
+
+    let mine = x.narrow(0, start, rows).copy().set_requires_grad(true);
+    let mut mean = Tensor::zeros([3], options);
+    let mut var = Tensor::ones([3], options);
+    let out = group
+        .sync_batch_norm(&mine, &weight, &bias, &mut mean, &mut var, 0.1, 1e-5)
+        .unwrap();
+    (&out * upstream.narrow(0, start, rows))
+        .sum(Kind::Float)
+        .backward();
+    let mut grad_weight = weight.grad().copy();
+    let mut grad_bias = bias.grad().copy();
+    group.all_reduce(&mut grad_weight, Op::Sum).unwrap();
+    group.all_reduce(&mut grad_bias, Op::Sum).unwrap();
+
+    let whole = x.copy().set_requires_grad(true);
+    let (weight_b, bias_b) = (
+        weight.detach().copy().set_requires_grad(true),
+        bias.detach().copy().set_requires_grad(true),
+    );
+    let mean_b = Tensor::zeros([3], options);
+    let var_b = Tensor::ones([3], options);
+    let reference = whole.batch_norm(
+        Some(&weight_b),
+        Some(&bias_b),
+        Some(&mean_b),
+        Some(&var_b),
+        true,
+        0.1,
+        1e-5,
+        false,
+    );
+    (&reference * &upstream).sum(Kind::Float).backward();
+    let close = |a: &Tensor, b: &Tensor, what: &str| {
+        let d = (a - b).abs().max().double_value(&[]);
+        assert!(d < 1e-5, "rank {rank}: {what} differs by {d}");
+    };
+    close(&out, &reference.narrow(0, start, rows), "output");
+    close(&mean, &mean_b, "running mean");
+    close(&var, &var_b, "running var");
+    close(
+        &mine.grad(),
+        &whole.grad().narrow(0, start, rows),
+        "input gradient",
+    );
+    close(&grad_weight, &weight_b.grad(), "weight gradient");
+    close(&grad_bias, &bias_b.grad(), "bias gradient");
 }

@@ -66,10 +66,16 @@ fn weights(run_dir: &Path) -> Vec<(String, Tensor)> {
 }
 
 fn max_difference(a: &Path, b: &Path) -> f64 {
+    max_difference_of(a, b, |_| true)
+}
+
+/// The largest difference between the tensors of two runs' models whose names pass `which`.
+fn max_difference_of(a: &Path, b: &Path, which: impl Fn(&str) -> bool) -> f64 {
     let (a, b) = (weights(a), weights(b));
     assert_eq!(a.len(), b.len());
     a.iter()
         .zip(&b)
+        .filter(|((name, _), _)| which(name))
         .map(|((na, ta), (nb, tb))| {
             assert_eq!(na, nb);
             (ta - tb).abs().max().double_value(&[])
@@ -346,4 +352,51 @@ fn ranks_stop_together_on_a_signal_and_a_killed_rank_ends_the_run_within_the_tim
         "{}",
         stderr(&resumed)
     );
+}
+
+/// One training step of a ResNet: its batch norm statistics come from the forward pass alone,
+/// so with `sync_bn` they are the one process's to float precision; each rank's own rows give
+/// others. (The weights are compared loosely: a ReLU input within float noise of zero in one of
+/// the runs changes one gradient term by a whole sample's share, and every layer below it.
+/// The op itself is checked exactly against libtorch's batch norm in dist/tests/two_ranks.rs.)
+#[test]
+fn sync_batch_norm_normalises_over_the_global_batch_as_one_process_does() {
+    let config = config()
+        .replace(
+            "arch = \"mlp\"\nhidden = [64]",
+            "arch = \"resnet18\"\nwidth = 0.125",
+        )
+        .replace("epochs = 3", "epochs = 1")
+        .replace("train_size = 330", "train_size = 64");
+    let (dir, _) = setup(&config);
+    let d = dir.path();
+    let run = |out: &str, extra: &[&str]| {
+        let args = [&["run", "run.toml", "--out", out, "--quiet"], extra].concat();
+        assert_ok(&trellis(d, &args));
+    };
+    run("one", &[]);
+    run(
+        "synced",
+        &["--nproc", "2", "--set", "distributed.sync_bn=true"],
+    );
+    run("local", &["--nproc", "2"]);
+    let (one, synced, local) = (d.join("one"), d.join("synced"), d.join("local"));
+    let statistics = |name: &str| name.contains("running_");
+    let synced_stats = max_difference_of(&one, &synced, statistics);
+    let local_stats = max_difference_of(&one, &local, statistics);
+    let synced_weights = max_difference(&one, &synced);
+    let local_weights = max_difference(&one, &local);
+    eprintln!(
+        "batch norm over 2 ranks vs 1 process: statistics {synced_stats:e} synced, \
+         {local_stats:e} per rank; weights {synced_weights:e} synced, {local_weights:e} per rank"
+    );
+    assert!(
+        synced_stats < 1e-4,
+        "sync_bn statistics differ by {synced_stats}"
+    );
+    assert!(
+        local_stats > 1e-3,
+        "per-rank statistics equal the global ones?"
+    );
+    assert!(synced_weights * 10.0 < local_weights);
 }

@@ -4,8 +4,9 @@
 //! conv's bias before its weight and initialises BatchNorm weights uniformly in [0, 1), both of
 //! which differ from PyTorch, whose order and initialisation the reproduced papers assume.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
+use std::rc::Rc;
 
 use anyhow::{ensure, Result};
 use tch::nn::init::{FanInOut, NonLinearity, NormalOrUniform};
@@ -14,6 +15,7 @@ use tch::{Kind, Tensor};
 use trellis_sdk::LayerKind;
 
 use super::Layer;
+use crate::distributed::Dist;
 
 /// PyTorch's `nn.BatchNorm2d` defaults; tch's `BatchNormConfig` has the same values.
 const BN_EPS: f64 = 1e-5;
@@ -37,6 +39,34 @@ pub fn autocast<T>(kind: Option<Kind>, f: impl FnOnce() -> T) -> T {
     }
     let _restore = Restore(AUTOCAST.with(|a| a.replace(kind)));
     f()
+}
+
+thread_local! {
+    /// While a training forward pass of a data-parallel run with `[distributed] sync_bn` runs:
+    /// the ranks whose batches batch norm normalises over together, and the first error a layer
+    /// met doing so.
+    static SYNC_BN: RefCell<Option<(Rc<Dist>, Option<anyhow::Error>)>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` (a training forward pass) with batch norm normalising over every rank's batch, as
+/// PyTorch's SyncBatchNorm does; fails with the first error a layer met (a lost rank). The
+/// backward pass of such a forward is a collective too.
+pub fn sync_batch_norm<T>(dist: &Rc<Dist>, f: impl FnOnce() -> T) -> Result<T> {
+    struct Restore;
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SYNC_BN.with(|s| s.borrow_mut().take());
+        }
+    }
+    SYNC_BN.with(|s| *s.borrow_mut() = Some((dist.clone(), None)));
+    let restore = Restore;
+    let out = f();
+    let error = SYNC_BN.with(|s| s.borrow_mut().as_mut().and_then(|(_, e)| e.take()));
+    drop(restore);
+    match error {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
 }
 
 /// The kind [`autocast`] set on this thread, if any.
@@ -160,6 +190,11 @@ impl BatchNorm2d {
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        if train {
+            if let Some(out) = self.forward_synced(x) {
+                return out;
+            }
+        }
         x.batch_norm(
             Some(&self.weight),
             Some(&self.bias),
@@ -170,6 +205,37 @@ impl BatchNorm2d {
             BN_EPS,
             true,
         )
+    }
+}
+
+impl BatchNorm2d {
+    /// The output over every rank's batch inside [`sync_batch_norm`]; `None` outside it, or
+    /// after a layer failed (the pass then goes on with local statistics and fails at its end).
+    fn forward_synced(&self, x: &Tensor) -> Option<Tensor> {
+        let dist = SYNC_BN.with(|s| match &*s.borrow() {
+            Some((dist, None)) => Some(dist.clone()),
+            _ => None,
+        })?;
+        let result = dist.sync_batch_norm(
+            x,
+            &self.weight,
+            &self.bias,
+            &mut self.running_mean.shallow_clone(),
+            &mut self.running_var.shallow_clone(),
+            BN_MOMENTUM,
+            BN_EPS,
+        );
+        match result {
+            Ok(out) => Some(out),
+            Err(e) => {
+                SYNC_BN.with(|s| {
+                    if let Some((_, error)) = &mut *s.borrow_mut() {
+                        *error = Some(e);
+                    }
+                });
+                None
+            }
+        }
     }
 }
 

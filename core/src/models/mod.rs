@@ -21,7 +21,7 @@ use trellis_sdk::LayerKind;
 
 use crate::config::ComponentConfig;
 
-pub use blocks::{autocast, autocast_kind};
+pub use blocks::{autocast, autocast_kind, sync_batch_norm};
 use blocks::{Builder, Linear, Var};
 pub use size::{
     available_memory, byte_words, catch_panic, check_fits, count_words, DoesNotFit, ModelSize,
