@@ -400,3 +400,55 @@ fn sync_batch_norm_normalises_over_the_global_batch_as_one_process_does() {
     );
     assert!(synced_weights * 10.0 < local_weights);
 }
+
+/// A plugin's model, a pruner at step 2 and a per-group scheduler train on 2 ranks as in one
+/// process, and the plugins see the world they run in.
+#[test]
+fn plugin_models_pruners_and_schedulers_train_on_two_ranks_as_in_one_process() {
+    let config = config()
+        .replace(
+            "arch = \"mlp\"\nhidden = [64]",
+            "use = \"wrapper\"\nbase = { arch = \"mlp\", hidden = [64] }\nscale = 2.0",
+        )
+        .replace("epochs = 3", "epochs = 2")
+        .replace(
+            "[schedule]\nkind = \"cosine\"\n",
+            "[scheduler]\nuse = \"tempbalance\"\n\n[pruner]\nuse = \"magnitude\"\nsparsity = 0.5\nat_step = 2\n",
+        );
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_manifest(
+        d,
+        &[
+            "trellis-optim",
+            "trellis-metrics",
+            "trellis-pai-baselines",
+            "trellis-tempbalance",
+            "trellis-fixture-models",
+        ],
+    );
+    std::fs::write(d.join("run.toml"), config).unwrap();
+    let run = ["run", "run.toml", "--quiet", "--out"];
+    assert_ok(&trellis(d, &[&run[..], &["one"]].concat()));
+    let world = ["--set", "model.expect_world_size=2"];
+    assert_ok(&trellis(
+        d,
+        &[&run[..], &["two", "--nproc", "2"], &world].concat(),
+    ));
+    let diff = max_difference(&d.join("one"), &d.join("two"));
+    eprintln!("plugin model, pruner, scheduler on 2 ranks vs 1 process: {diff:e}");
+    assert!(diff < 1e-5, "differs by {diff}");
+    let zeros = |run: &str| {
+        weights(&d.join(run))
+            .iter()
+            .map(|(_, t)| t.eq(0.0).sum(tch::Kind::Int64).int64_value(&[]))
+            .sum::<i64>()
+    };
+    assert!(
+        zeros("two") > 0 && zeros("two") == zeros("one"),
+        "the masks"
+    );
+    // The fixture checks what the host tells it: one process is a world of one.
+    let err = assert_error(&trellis(d, &[&run[..], &["alone"], &world].concat()));
+    assert!(err.contains("rank 0 of 1, expected a world of 2"), "{err}");
+}
