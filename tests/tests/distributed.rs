@@ -452,3 +452,77 @@ fn plugin_models_pruners_and_schedulers_train_on_two_ranks_as_in_one_process() {
     let err = assert_error(&trellis(d, &[&run[..], &["alone"], &world].concat()));
     assert!(err.contains("rank 0 of 1, expected a world of 2"), "{err}");
 }
+
+/// `sweep --nproc 2` runs each job as two ranks, locally or as Slurm tasks that srun starts
+/// (here a stand-in `srun` that starts the tasks as Slurm would, with their Slurm variables).
+#[test]
+fn a_sweep_runs_each_job_as_two_ranks_locally_and_under_srun() {
+    let (dir, _) = setup(&config().replace("epochs = 3", "epochs = 1"));
+    let d = dir.path();
+    std::fs::write(
+        d.join("sweep.toml"),
+        "config = \"run.toml\"\n\n[grid]\n\"train.seed\" = [0, 1]\n",
+    )
+    .unwrap();
+    let sweep = [
+        "sweep",
+        "sweep.toml",
+        "--nproc",
+        "2",
+        "--threads",
+        "2",
+        "--quiet",
+    ];
+    assert_ok(&trellis(d, &[&sweep[..], &["--out", "sw"]].concat()));
+    let tsv = std::fs::read_to_string(d.join("sw/runs.tsv")).unwrap();
+    for id in ["000-0", "001-1"] {
+        assert_eq!(run_state(&d.join("sw").join(id)).unwrap().0, "finished");
+        let log = std::fs::read_to_string(d.join(format!("sw/logs/{id}.log"))).unwrap();
+        assert!(log.contains("started 2 ranks"), "{log}");
+        // Two cores for the run, one thread for each of its ranks.
+        assert!(
+            tsv.lines()
+                .any(|l| l.starts_with(id) && l.contains("\t1\t")),
+            "{tsv}"
+        );
+    }
+
+    assert_ok(&trellis(
+        d,
+        &[&sweep[..], &["--out", "slurm", "--emit", "slurm"]].concat(),
+    ));
+    let script = d.join("slurm/sweep.sbatch");
+    let text = std::fs::read_to_string(&script).unwrap();
+    assert!(text.contains("#SBATCH --ntasks=2"), "{text}");
+    let bin = d.join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let srun = bin.join("srun");
+    std::fs::write(
+        &srun,
+        format!(
+            "#!/bin/bash\nfor task in 0 1; do\n  SLURM_PROCID=$task SLURM_NTASKS=2 \
+             SLURM_LOCALID=$task SLURM_LAUNCH_NODE_IPADDR=127.0.0.1 MASTER_PORT={} \"$@\" &\n\
+             done\nstatus=0\nfor job in $(jobs -p); do wait $job || status=1; done\nexit $status\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&srun, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let task = Command::new("bash")
+        .arg(&script)
+        .current_dir(d)
+        .env("PATH", path)
+        .env("SLURM_ARRAY_TASK_ID", "1")
+        .env("SLURM_CPUS_PER_TASK", "1")
+        .env("TRELLIS", trellis_bin())
+        .output()
+        .unwrap();
+    assert_ok(&task);
+    assert_eq!(run_state(&d.join("slurm/001-1")).unwrap().0, "finished");
+    assert!(!d.join("slurm/000-0").exists());
+    // The same run as the local sweep's.
+    let diff = max_difference(&d.join("slurm/001-1"), &d.join("sw/001-1"));
+    assert!(diff < 1e-6, "{diff}");
+}
