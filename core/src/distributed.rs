@@ -33,9 +33,10 @@ const TORCHRUN_VARS: &str = "RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT (LOCA
 
 impl World {
     /// The world that torchrun (or `trellis run --nproc`: `RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
-    /// `MASTER_ADDR`, `MASTER_PORT`) or Slurm's srun (`SLURM_PROCID`, `SLURM_NTASKS`,
+    /// `MASTER_ADDR`, `MASTER_PORT`) or Slurm's srun (`SLURM_PROCID`, `SLURM_STEP_NUM_TASKS`,
     /// `SLURM_LOCALID`, with `MASTER_ADDR`/`MASTER_PORT` if set) describes; `None` for a run of
-    /// one process.
+    /// one process. Slurm's job-wide `SLURM_NTASKS` is not read: a batch script of a job with
+    /// several tasks has it too, and a `trellis run` there without srun is one process.
     pub fn from_env() -> Result<Option<World>> {
         World::from_vars(|name| std::env::var(name).ok())
     }
@@ -53,7 +54,7 @@ impl World {
         let (rank, world_size, local_rank, launcher) =
             match (number("RANK")?, number("WORLD_SIZE")?) {
                 (Some(rank), Some(world)) => (rank, world, number("LOCAL_RANK")?, "torchrun"),
-                (None, None) => match (number("SLURM_PROCID")?, number("SLURM_NTASKS")?) {
+                (None, None) => match (number("SLURM_PROCID")?, number("SLURM_STEP_NUM_TASKS")?) {
                     (Some(rank), Some(world)) => (rank, world, number("SLURM_LOCALID")?, "srun"),
                     _ => return Ok(None),
                 },
@@ -97,6 +98,20 @@ impl World {
         }))
     }
 }
+
+/// The variables [`World::from_env`] reads: a process that starts runs of its own (a sweep, the
+/// `--nproc` launcher) removes them from its children's environment, which it sets itself.
+pub const WORLD_VARIABLES: &[&str] = &[
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "SLURM_PROCID",
+    "SLURM_STEP_NUM_TASKS",
+    "SLURM_LOCALID",
+];
 
 /// The process group of a data-parallel run and what the training loop asks of it.
 pub struct Dist {
@@ -467,7 +482,7 @@ mod tests {
             ("MASTER_PORT", "29500"),
             // torchrun's variables win over Slurm's when srun started torchrun.
             ("SLURM_PROCID", "0"),
-            ("SLURM_NTASKS", "2"),
+            ("SLURM_STEP_NUM_TASKS", "2"),
         ])
         .unwrap()
         .unwrap();
@@ -483,7 +498,7 @@ mod tests {
         );
         let srun = world(&[
             ("SLURM_PROCID", "5"),
-            ("SLURM_NTASKS", "8"),
+            ("SLURM_STEP_NUM_TASKS", "8"),
             ("SLURM_LOCALID", "1"),
             ("SLURM_JOB_ID", "123456"),
             ("SLURM_LAUNCH_NODE_IPADDR", "10.0.0.4"),
@@ -493,9 +508,14 @@ mod tests {
         assert_eq!((srun.rank, srun.world_size, srun.local_rank), (5, 8, 1));
         assert_eq!(srun.master_addr, "10.0.0.4");
         assert_eq!(srun.master_port, 23456, "20000 + the job id modulo 20000");
-        // A Slurm job of one task (a sweep's array job) is a run of one process.
+        // A Slurm job step of one task (a sweep's array job) is a run of one process, and so is
+        // the batch script of a job with several tasks, which srun has not split.
         assert_eq!(
-            world(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "1")]).unwrap(),
+            world(&[("SLURM_PROCID", "0"), ("SLURM_STEP_NUM_TASKS", "1")]).unwrap(),
+            None
+        );
+        assert_eq!(
+            world(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "4")]).unwrap(),
             None
         );
     }

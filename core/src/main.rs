@@ -223,8 +223,10 @@ minus the baseline's, p is Welch's two-sided t-test, the interval a 95 % percent
 fn main() -> ExitCode {
     trellis::commands::sweep::follow_parent();
     // The ranks after the first of a data-parallel run say only what goes wrong: rank 0 reports.
-    let follower = std::env::var("RANK").is_ok_and(|r| r.trim() != "0")
-        || std::env::var("SLURM_PROCID").is_ok_and(|r| r.trim() != "0");
+    let follower = trellis::distributed::World::from_env()
+        .ok()
+        .flatten()
+        .is_some_and(|w| w.rank > 0);
     let default_level = if follower { "warn" } else { "info" };
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -333,6 +333,8 @@ fn ranks_stop_together_on_a_signal_and_a_killed_rank_ends_the_run_within_the_tim
     );
     let (state, epoch) = run_state(&run_dir).unwrap();
     assert_eq!(state, "failed");
+    // The command it prints goes on with as many ranks.
+    assert!(said.contains("--nproc 2 --resume"), "{said}");
 
     // One process takes the run up from rank 0's last checkpoint.
     let stop = (epoch + 1).to_string();
@@ -500,7 +502,7 @@ fn a_sweep_runs_each_job_as_two_ranks_locally_and_under_srun() {
     std::fs::write(
         &srun,
         format!(
-            "#!/bin/bash\nfor task in 0 1; do\n  SLURM_PROCID=$task SLURM_NTASKS=2 \
+            "#!/bin/bash\nfor task in 0 1; do\n  SLURM_PROCID=$task SLURM_STEP_NUM_TASKS=2 \
              SLURM_LOCALID=$task SLURM_LAUNCH_NODE_IPADDR=127.0.0.1 MASTER_PORT={} \"$@\" &\n\
              done\nstatus=0\nfor job in $(jobs -p); do wait $job || status=1; done\nexit $status\n",
             free_port()

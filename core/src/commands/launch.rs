@@ -18,6 +18,10 @@ use anyhow::{bail, Context, Result};
 use super::run::{RunInterrupted, RunOptions, INTERRUPTED_EXIT};
 use crate::config::LoadedConfig;
 
+/// Set by the launcher for its ranks: how many it started, so that the command rank 0 prints to
+/// resume the run starts as many.
+pub const NPROC_ENV: &str = "TRELLIS_NPROC";
+
 /// How the ranks ended, when one did not succeed.
 #[derive(Debug)]
 pub struct RankFailed {
@@ -54,6 +58,9 @@ pub fn launch(opts: &RunOptions, nproc: usize) -> Result<()> {
     for rank in 0..nproc {
         let mut command = Command::new(&exe);
         command.args(rank_args(opts, &out, rank));
+        for name in crate::distributed::WORLD_VARIABLES {
+            command.env_remove(name);
+        }
         command
             .env("RANK", rank.to_string())
             .env("WORLD_SIZE", nproc.to_string())
@@ -64,6 +71,7 @@ pub fn launch(opts: &RunOptions, nproc: usize) -> Result<()> {
         if let Some(threads) = threads {
             command.env("OMP_NUM_THREADS", threads.to_string());
         }
+        command.env(NPROC_ENV, nproc.to_string());
         // A rank ends (with a checkpoint, on SIGTERM) when the launcher dies.
         command.env(super::sweep::PARENT_ENV, std::process::id().to_string());
         // Their own process group: a Ctrl-C reaches the launcher alone, which passes it on

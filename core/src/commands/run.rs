@@ -542,6 +542,11 @@ fn resume_command(opts: &RunOptions, run_dir: &Path) -> String {
     }
     args.push("--out".into());
     args.push(run_dir.display().to_string());
+    // A rank of `--nproc N` tells how to go on with as many ranks (any number would do).
+    if let Ok(nproc) = std::env::var(super::launch::NPROC_ENV) {
+        args.push("--nproc".into());
+        args.push(nproc);
+    }
     args.push("--resume".into());
     args.iter()
         .map(|a| shell_quote(a))

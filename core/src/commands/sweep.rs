@@ -363,6 +363,10 @@ fn start(
         cmd.arg("--resume");
     }
     cmd.env(PARENT_ENV, std::process::id().to_string());
+    // Its runs are this machine's, not ranks of a job around the sweep.
+    for name in crate::distributed::WORLD_VARIABLES {
+        cmd.env_remove(name);
+    }
     if let Some(gpu) = gpu {
         cmd.env("CUDA_VISIBLE_DEVICES", gpu.to_string());
     }
