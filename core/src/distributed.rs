@@ -245,12 +245,24 @@ impl Dist {
 
     /// Passes each rank's outcome of a step that may fail (opening the run directory, setting
     /// up, loading the checkpoint) through unchanged when every rank succeeded; otherwise every
-    /// rank fails, the failing ones with their own error.
+    /// rank fails: rank 0 with its own error in full, the others with theirs in one line when
+    /// rank 0 failed too (a bad config fails every rank the same way), else in full.
     pub fn agree<T>(&self, outcome: Result<T>, what: &str) -> Result<T> {
-        let failed = self.any(outcome.is_err())?;
+        let failed = outcome.is_err();
+        let flags = [failed, failed && self.rank() == 0].map(|f| f64::from(u8::from(f)));
+        let sums = self.sum(&flags)?;
+        let (any_failed, rank0_failed) = (sums[0] > 0.0, sums[1] > 0.0);
         match outcome {
+            Err(e) if self.rank() > 0 && rank0_failed => {
+                let first_line = format!("{e:#}");
+                let first_line = first_line.lines().next().unwrap_or_default();
+                Err(anyhow!(
+                    "rank {} failed too while {what}: {first_line}",
+                    self.rank()
+                ))
+            }
             Err(e) => Err(e),
-            Ok(_) if failed => Err(anyhow!(
+            Ok(_) if any_failed => Err(anyhow!(
                 "rank {} stops: another rank failed while {what} (its output says why)",
                 self.rank()
             )),

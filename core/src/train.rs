@@ -523,9 +523,7 @@ impl Trainer<'_> {
             }
             self.step += 1;
             samples += n;
-            if n > 0 {
-                loss_sum += loss.to_kind(Kind::Double) * n as f64;
-            }
+            loss_sum += loss.to_kind(Kind::Double) * n as f64;
             progress.step();
             since_check += 1;
             if since_check == check_every {
@@ -611,15 +609,6 @@ impl Trainer<'_> {
         at: StepInfo,
     ) -> Result<Tensor> {
         let rows = batch.targets.size()[0];
-        if let Some(d) = self.dist.clone() {
-            if rows == 0 {
-                // A short final batch left this rank no rows: it adds nothing to the gradient
-                // but still takes part in its all-reduce.
-                self.zero_grad();
-                d.reduce_gradients(&self.all_params)?;
-                return Ok(Tensor::zeros([], (Kind::Float, self.state.device)));
-            }
-        }
         let autocast = self.cfg.config.train.autocast.kind();
         let model = &self.model;
         let forward = || crate::models::autocast(autocast, || model.forward(&batch.inputs));
@@ -1173,6 +1162,9 @@ pub(crate) fn prepare<'a>(
             c.train.batch_size
         );
     }
+    if let Some(d) = &dist {
+        check_every_rank_gets_rows(cfg, train_data.len(), d.world_size())?;
+    }
     let total_steps = steps_per_epoch * c.train.epochs as u64;
     let pruning = Pruning::setup(cfg, &registry, &host, total_steps)?;
     let trainer = Trainer {
@@ -1203,6 +1195,39 @@ pub(crate) fn prepare<'a>(
         train_data,
         device,
     })
+}
+
+/// Refuses a global batch (or a short last batch) with fewer rows than ranks: a rank without
+/// rows would have no forward pass to take part in (sync batch norm's collectives) and no
+/// gradient to contribute.
+fn check_every_rank_gets_rows(cfg: &LoadedConfig, images: usize, world: usize) -> Result<()> {
+    let t = &cfg.config.train;
+    let last = images % t.batch_size;
+    let (rows, what) = if t.batch_size < world {
+        (t.batch_size, "train.batch_size".to_string())
+    } else if !t.drop_last && last != 0 && last < world {
+        (
+            last,
+            format!("the last batch of an epoch ({images} images)"),
+        )
+    } else {
+        return Ok(());
+    };
+    Err(cfg.error_at(
+        &[
+            crate::source::Seg::Key("train"),
+            crate::source::Seg::Key("batch_size"),
+        ],
+        &format!("{what} has {rows} rows, fewer than the {world} ranks: some would train on none"),
+        Some(&format!(
+            "use a batch of at least {world} rows (the global batch, split between the ranks){}",
+            if t.batch_size >= world {
+                ", or drop_last = true"
+            } else {
+                ""
+            }
+        )),
+    ))
 }
 
 /// `data` where loaders for `device` read it: a GPU run keeps the u8 images on the device, where

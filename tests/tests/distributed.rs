@@ -528,3 +528,26 @@ fn a_sweep_runs_each_job_as_two_ranks_locally_and_under_srun() {
     let diff = max_difference(&d.join("slurm/001-1"), &d.join("sw/001-1"));
     assert!(diff < 1e-6, "{diff}");
 }
+
+/// A last batch of 2 rows cannot be split between 3 ranks: refused before anything is written,
+/// with the line and the way out.
+#[test]
+fn a_batch_with_fewer_rows_than_ranks_is_refused() {
+    let (dir, _) = setup(&config().replace("train_size = 330", "train_size = 322"));
+    let d = dir.path();
+    let out = trellis(
+        d,
+        &["run", "run.toml", "--out", "few", "--nproc", "3", "--quiet"],
+    );
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("the last batch of an epoch (322 images) has 2 rows, fewer than the 3 ranks"),
+        "{err}"
+    );
+    assert!(
+        err.contains("drop_last = true") && err.contains("run.toml:"),
+        "{err}"
+    );
+    assert!(!d.join("few").join("state.json").exists());
+}

@@ -92,7 +92,9 @@ pub fn launch(opts: &RunOptions, nproc: usize) -> Result<()> {
             .map(|(_, c)| c.id().to_string())
             .collect::<Vec<_>>()
             .join(", "),
-        threads.map_or(String::new(), |t| format!(", {t} CPU threads each"))
+        threads.map_or(String::new(), |t| {
+            format!(", {t} CPU thread{} each", if t == 1 { "" } else { "s" })
+        })
     );
     let mut ended: Vec<Option<ExitStatus>> = vec![None; nproc];
     let mut first_failure: Option<(usize, ExitStatus, Instant)> = None;
@@ -160,15 +162,25 @@ pub fn launch(opts: &RunOptions, nproc: usize) -> Result<()> {
         }
         .into());
     }
+    let started = out.join("state.json").exists();
     Err(RankFailed {
-        message: format!(
-            "rank {rank} {} first ({}); what rank 0 managed to checkpoint is in {}\n  help: fix \
-             what its output says, then continue with the same command and --resume (any number \
-             of ranks)",
-            describe(status),
-            states.join(", "),
-            out.display()
-        ),
+        message: if started {
+            format!(
+                "rank {rank} {} first ({}); what rank 0 managed to checkpoint is in {}\n  help: \
+                 fix what its output says, then continue with the same command and --resume (any \
+                 number of ranks)",
+                describe(status),
+                states.join(", "),
+                out.display()
+            )
+        } else {
+            format!(
+                "rank {rank} {} first ({}), before training began; {} was not written",
+                describe(status),
+                states.join(", "),
+                out.display()
+            )
+        },
         code,
     }
     .into())

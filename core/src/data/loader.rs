@@ -95,7 +95,7 @@ impl Loader {
 
     /// [`Loader::new`] for one rank of a data-parallel run: the same order and draws as one
     /// process, of which this rank gets its `shard`. With [`Shard::Rows`] a rank's slice of a
-    /// short final batch may be empty.
+    /// batch with fewer rows than ranks is empty (the trainer refuses such batches).
     pub fn sharded<D: Borrow<Dataset>>(ds: D, opts: LoaderOptions, shard: Shard) -> Loader {
         let ds: &Dataset = ds.borrow();
         assert!(
