@@ -9,7 +9,8 @@
 //!
 //! Flags (after `--`): `--quick` (a smoke run: fewer, smaller repetitions), `--threads N` (default:
 //! every core), `--cases a,b` (of train, optimizer, eval, data, dispatch, memory, epoch,
-//! linearized: f_lin against f, both Trellis),
+//! linearized: f_lin against f, both Trellis; prune: global magnitude masks against
+//! Synaptic-Flow's kthvalue threshold),
 //! `--device cpu|cuda` (where the `epoch` case trains; the others are CPU cases), `--python PATH`
 //! (default: the `.torch-python` link that scripts/setup.sh makes), `--python-env KEY=VALUE`
 //! (environment for the PyTorch side only), `--pytorch-channels-last` (the PyTorch side in the
@@ -34,7 +35,8 @@ use trellis::models::{Arch, ModelConfig, Network};
 use trellis::plugin_host::Registry;
 use trellis::services::{RunHost, RunState, SharedModel};
 use trellis_sdk::{
-    Batch, Component, EpochInfo, Events, Host, Metric, Optimizer, Outputs, ParamGroup, Role,
+    Batch, Component, EpochInfo, Events, Host, Metric, Optimizer, Outputs, ParamGroup,
+    PruneRequest, Role, Scope,
 };
 
 const BATCH: usize = 128;
@@ -68,7 +70,7 @@ struct Args {
     memory_child: Option<(f64, usize)>,
 }
 
-const CASES: [&str; 8] = [
+const CASES: [&str; 9] = [
     "train",
     "optimizer",
     "eval",
@@ -77,6 +79,7 @@ const CASES: [&str; 8] = [
     "memory",
     "epoch",
     "linearized",
+    "prune",
 ];
 
 fn parse_args() -> Result<Args> {
@@ -423,6 +426,8 @@ impl Plugins {
                 "trellis-fixture-misbehaving",
                 "-p",
                 "trellis-linearized",
+                "-p",
+                "trellis-pai-baselines",
             ])
             .current_dir(workspace_root());
         if profile.ends_with("release") {
@@ -447,6 +452,7 @@ impl Plugins {
             "trellis-metrics",
             "trellis-fixture-misbehaving",
             "trellis-linearized",
+            "trellis-pai-baselines",
         ] {
             let file = profile.join(format!("lib{}.so", package.replace('-', "_")));
             manifest.push_str(&format!(
@@ -999,6 +1005,66 @@ impl Bench {
             &t,
             &p,
             1e3,
+        ));
+        Ok(())
+    }
+
+    fn prune(&mut self) -> Result<()> {
+        let reps = self.sizes(2, 7);
+        eprintln!(
+            "prune: global magnitude masks of full-width ResNet18's 11.2 M prunable weights at \
+             density 0.1, applied in place, {reps} per side"
+        );
+        let data = Rc::new(random_dataset(BATCH, 1)?);
+        let net = resnet18(1.0, 0)?;
+        self.load_pytorch_model(&net, 1.0)?;
+        let model = SharedModel::new(net);
+        let run_host = host(&model, &data);
+        let mut pruner = self
+            .plugins
+            .registry
+            .create(Role::Pruner, "magnitude", "", Host::new(run_host.clone()))?
+            .into_pruner()
+            .ok_or_else(|| anyhow!("magnitude is not a pruner"))?;
+        let weights: HashMap<String, Tensor> = model
+            .net()
+            .parameters()
+            .into_iter()
+            .map(|(name, _, t)| (name, t))
+            .collect();
+        let py = &mut self.py;
+        let (t, p) = alternate(
+            reps,
+            || {
+                // What `trellis run` does at its pruning step, less the host's checks: the
+                // pruner's exact global threshold and masks, applied.
+                let started = Instant::now();
+                let result = pruner
+                    .prune(PruneRequest {
+                        density: 0.1,
+                        scope: Scope::Global,
+                        batches: Vec::new(),
+                    })
+                    .map_err(sdk)?;
+                tch::no_grad(|| -> Result<()> {
+                    for (name, mask) in &result.masks {
+                        let weight = weights
+                            .get(name)
+                            .ok_or_else(|| anyhow!("a mask for unknown `{name}`"))?;
+                        let _ = weight.shallow_clone().g_mul_(mask);
+                    }
+                    Ok(())
+                })?;
+                Ok(vec![started.elapsed().as_secs_f64()])
+            },
+            || py.seconds("time_prune_magnitude", json!({"density": 0.1})),
+        )?;
+        self.report.add(Row::new(
+            "magnitude masks, full width, global (s)",
+            "s",
+            &t,
+            &p,
+            1.0,
         ));
         Ok(())
     }
@@ -1721,6 +1787,10 @@ fn main() -> Result<()> {
     if has("linearized") {
         wait_for_quiet(bench.args.max_load);
         bench.linearized()?;
+    }
+    if has("prune") {
+        wait_for_quiet(bench.args.max_load);
+        bench.prune()?;
     }
     bench
         .report
