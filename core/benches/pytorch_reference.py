@@ -167,9 +167,11 @@ class Session:
             self.model = self.model.to(memory_format=torch.channels_last)
         return {"parameters": sum(p.numel() for p in self.model.parameters())}
 
-    def step(self, x, y):
+    def step(self, x, y, autocast=False):
         self.opt.zero_grad()
-        loss = F.cross_entropy(self.model(x), y)
+        # As PyTorch's AMP recipe has it: forward and loss under autocast, backward outside.
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = F.cross_entropy(self.model(x), y)
         loss.backward()
         self.opt.step()
         return loss
@@ -200,7 +202,7 @@ class Session:
         write_safetensors(out, result)
         return {}
 
-    def time_train(self, steps):
+    def time_train(self, steps, autocast=False):
         self.model.train()
         times = []
         total = torch.zeros((), dtype=torch.float64)
@@ -208,7 +210,7 @@ class Session:
         for i in range(steps):
             x, y = self.batches[i % len(self.batches)]
             started = time.perf_counter()
-            loss = self.step(x, y)
+            loss = self.step(x, y, autocast)
             # Accumulated as a tensor, like Trellis's loop, rather than read each step.
             total += loss.detach().double() * x.shape[0]
             times.append(time.perf_counter() - started)

@@ -8,7 +8,8 @@
 //! the same SGD step.
 //!
 //! Flags (after `--`): `--quick` (a smoke run: fewer, smaller repetitions), `--threads N` (default:
-//! every core), `--cases a,b` (of train, optimizer, eval, data, dispatch, memory, epoch,
+//! every core), `--cases a,b` (of train, autocast: the full-width training step under CPU bf16
+//! autocast on both sides, optimizer, eval, data, dispatch, memory, epoch,
 //! linearized: f_lin against f, both Trellis; prune: global magnitude masks against
 //! Synaptic-Flow's kthvalue threshold),
 //! `--device cpu|cuda` (where the `epoch` case trains; the others are CPU cases), `--python PATH`
@@ -70,8 +71,9 @@ struct Args {
     memory_child: Option<(f64, usize)>,
 }
 
-const CASES: [&str; 9] = [
+const CASES: [&str; 10] = [
     "train",
+    "autocast",
     "optimizer",
     "eval",
     "data",
@@ -536,6 +538,8 @@ struct Run {
     optimizer: Box<dyn Optimizer>,
     loader: Loader,
     loss_sum: Tensor,
+    /// Convolutions and linear layers in this kind (`[train] autocast`), as `Trainer` runs them.
+    autocast: Option<Kind>,
 }
 
 impl Run {
@@ -560,6 +564,7 @@ impl Run {
             optimizer,
             loader: train_loader(data, 0),
             loss_sum: Tensor::zeros([], (Kind::Double, Device::Cpu)),
+            autocast: None,
         })
     }
 
@@ -567,7 +572,9 @@ impl Run {
     /// a plain run does not have): forward, cross-entropy, zeroed gradients, backward, the
     /// optimizer, and the loss accumulated without reading it.
     fn step(&mut self, batch: &Batch) -> Result<()> {
-        let (logits, _) = self.model.forward(&batch.inputs)?;
+        let model = &self.model;
+        let (logits, _) =
+            trellis::models::autocast(self.autocast, || model.forward(&batch.inputs))?;
         let loss = logits.cross_entropy_for_logits(&batch.targets);
         for p in &mut self.params {
             p.zero_grad();
@@ -915,19 +922,24 @@ impl Bench {
         warmup: usize,
         reps: usize,
         per_rep: usize,
+        autocast: bool,
     ) -> Result<()> {
         eprintln!(
-            "{label}: ResNet18 width {width}, batch {BATCH}, {reps}×{per_rep} steps per side"
+            "{label}: ResNet18 width {width}, batch {BATCH}, {reps}×{per_rep} steps per side{}",
+            if autocast { ", bf16 autocast" } else { "" }
         );
         let steps = warmup + reps * per_rep;
         let data = Rc::new(random_dataset(steps * BATCH, 1)?);
         let net = resnet18(width, 0)?;
         self.load_pytorch_model(&net, width)?;
         let mut run = Run::new(net, &data, OptimizerSource::Plugin(&self.plugins))?;
+        // In float32: the check is of the model and the update rule, which autocast leaves alone.
         self.check_agreement(&mut run, label)?;
+        run.autocast = autocast.then_some(Kind::BFloat16);
 
         run.timed_steps(warmup)?;
-        self.py.call("time_train", json!({"steps": warmup}))?;
+        self.py
+            .call("time_train", json!({"steps": warmup, "autocast": autocast}))?;
         let waits_before = run.loader.waits();
         let py = &mut self.py;
         let (mut ours, mut theirs) = (ProcessTimes::default(), ProcessTimes::default());
@@ -940,7 +952,10 @@ impl Bench {
                 Ok(times)
             },
             || {
-                let reply = py.call("time_train", json!({"steps": per_rep}))?;
+                let reply = py.call(
+                    "time_train",
+                    json!({"steps": per_rep, "autocast": autocast}),
+                )?;
                 theirs.add(&ProcessTimes::from_reply(&reply));
                 seconds_of(&reply, "time_train")
             },
@@ -1755,10 +1770,22 @@ fn main() -> Result<()> {
         wait_for_quiet(bench.args.max_load);
         // One step per turn: the sides alternate step by step, so load bursts hit both alike.
         let (reps, per_rep) = (bench.sizes(2, 25), 1);
-        bench.train("train step, width 16", WIDTH_16, 2, reps, per_rep)?;
+        bench.train("train step, width 16", WIDTH_16, 2, reps, per_rep, false)?;
         wait_for_quiet(bench.args.max_load);
         let (reps, per_rep) = (bench.sizes(1, 6), 1);
-        bench.train("train step, full width", 1.0, 1, reps, per_rep)?;
+        bench.train("train step, full width", 1.0, 1, reps, per_rep, false)?;
+    }
+    if has("autocast") {
+        wait_for_quiet(bench.args.max_load);
+        let (reps, per_rep) = (bench.sizes(1, 6), 1);
+        bench.train(
+            "train step, full width, bf16 autocast",
+            1.0,
+            1,
+            reps,
+            per_rep,
+            true,
+        )?;
     }
     if has("optimizer") {
         wait_for_quiet(bench.args.max_load);
