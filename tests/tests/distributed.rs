@@ -12,42 +12,29 @@ use tch::Tensor;
 use trellis_tests::*;
 
 /// A BN-free model (batch norm sees each rank's slice only), a training set whose last batch is
-/// short (330 = 5 × 64 + 10) and a test set whose last evaluation batch is short too.
+/// short (330 = 5 × 64 + 10) and a test set whose last evaluation batch is short too: the
+/// suite's small config otherwise.
 fn config() -> String {
-    r#"plugins = "plugins.toml"
-
-[model]
-arch = "mlp"
-hidden = [64]
-
-[data]
-train_size = 330
-test_size = 170
-
-[train]
-epochs = 3
-batch_size = 64
-eval_batch_size = 50
-seed = 3
-device = "cpu"
-threads = 1
-
-[optimizer]
-use = "sgd"
-lr = 0.05
-momentum = 0.9
-weight_decay = 5e-4
-
-[schedule]
-kind = "cosine"
-
-[[metrics]]
-use = "accuracy"
-
-[[metrics]]
-use = "loss"
-"#
-    .to_string()
+    [
+        (
+            "arch = \"resnet18\"\nwidth = 0.125",
+            "arch = \"mlp\"\nhidden = [64]",
+        ),
+        (
+            "train_size = 1000\ntest_size = 500",
+            "train_size = 330\ntest_size = 170",
+        ),
+        (
+            "epochs = 2\nbatch_size = 50",
+            "epochs = 3\nbatch_size = 64\neval_batch_size = 50",
+        ),
+        ("device = \"cpu\"", "device = \"cpu\"\nthreads = 1"),
+    ]
+    .iter()
+    .fold(small_config(""), |text, (from, to)| {
+        assert!(text.contains(from), "small_config no longer has {from:?}");
+        text.replace(from, to)
+    })
 }
 
 fn trellis_with(dir: &Path, args: &[&str], env: &[(&str, String)]) -> Output {
