@@ -162,9 +162,14 @@ pub fn launch(opts: &RunOptions, nproc: usize) -> Result<()> {
         }
         .into());
     }
-    let started = out.join("state.json").exists();
+    // A run directory that holds something to go on with (rather than none, or a finished run
+    // that a rank refused to write over) gets the resume hint.
+    let resumable = std::fs::read_to_string(out.join("state.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .is_some_and(|state| state["state"].as_str() != Some("finished"));
     Err(RankFailed {
-        message: if started {
+        message: if resumable {
             format!(
                 "rank {rank} {} first ({}); what rank 0 managed to checkpoint is in {}\n  help: \
                  fix what its output says, then continue with the same command and --resume (any \
@@ -175,10 +180,9 @@ pub fn launch(opts: &RunOptions, nproc: usize) -> Result<()> {
             )
         } else {
             format!(
-                "rank {rank} {} first ({}), before training began; {} was not written",
+                "rank {rank} {} first ({}); its output says why",
                 describe(status),
                 states.join(", "),
-                out.display()
             )
         },
         code,
