@@ -100,7 +100,8 @@ pub fn launch(opts: &RunOptions, nproc: usize) -> Result<()> {
     let mut first_failure: Option<(usize, ExitStatus, Instant)> = None;
     loop {
         if let Some(signal) = signals.take() {
-            for (_, child) in &ranks {
+            // Only ranks not yet reaped: a reaped rank's pid may belong to another process now.
+            for (_, child) in ranks.iter().filter(|(rank, _)| ended[*rank].is_none()) {
                 let _ =
                     rustix::process::kill_process(rustix::process::Pid::from_child(child), signal);
             }
