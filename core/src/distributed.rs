@@ -120,6 +120,10 @@ pub struct Dist {
     /// Where collectives run: the CPU for Gloo, this rank's GPU for NCCL.
     device: Device,
     bucket_bytes: usize,
+    /// Fault injection for the tests that show a broken average or a missing broadcast is
+    /// caught (`TRELLIS_FAULT_UNWEIGHTED_GRADIENTS`, `TRELLIS_FAULT_NO_BROADCAST`), read once.
+    fault_unweighted: bool,
+    fault_no_broadcast: bool,
 }
 
 impl Dist {
@@ -153,6 +157,8 @@ impl Dist {
             world,
             device,
             bucket_bytes: ((config.bucket_mb * 1024.0 * 1024.0) as usize).max(1),
+            fault_unweighted: std::env::var_os("TRELLIS_FAULT_UNWEIGHTED_GRADIENTS").is_some(),
+            fault_no_broadcast: std::env::var_os("TRELLIS_FAULT_NO_BROADCAST").is_some(),
         })
     }
 
@@ -182,8 +188,7 @@ impl Dist {
 
     /// Overwrites `tensors` on every rank with rank 0's, in buckets.
     pub fn broadcast_from_rank0(&self, tensors: &[Tensor]) -> Result<()> {
-        // For the test that shows ranks left with their own weights are caught.
-        if std::env::var_os("TRELLIS_FAULT_NO_BROADCAST").is_some() {
+        if self.fault_no_broadcast {
             return Ok(());
         }
         let _no_grad = tch::no_grad_guard();
@@ -200,8 +205,7 @@ impl Dist {
     /// The weight of a rank's mean loss over its `rows` of a global batch of `global_rows`: the
     /// weighted losses of the ranks sum to the global batch's mean loss.
     pub fn gradient_share(&self, rows: i64, global_rows: i64) -> f64 {
-        // For the test that shows a broken average is caught: each rank's loss counted whole.
-        if std::env::var_os("TRELLIS_FAULT_UNWEIGHTED_GRADIENTS").is_some() {
+        if self.fault_unweighted {
             return 1.0;
         }
         rows as f64 / global_rows as f64
