@@ -70,10 +70,44 @@ impl Shard {
     }
 }
 
+/// A batch as the worker thread hands it over.
+enum Prepared {
+    /// Made on the CPU: plain buffers, which become tensors on the thread that takes them. Even
+    /// `Tensor::from_slice` is a parallel libtorch operation (it zero-fills before copying) once
+    /// a batch passes 32,768 values, and with OpenMP a thread that starts one gets a team of its
+    /// own for as long as it lives. With that second team alive, OpenMP counts more threads than
+    /// cores and stops spin-waiting: the training step's threads then sleep and wake at every
+    /// parallel region (about 2,000 times a second per thread, a fifth of a width-16 ResNet18
+    /// step on 2 cores).
+    Host {
+        inputs: Vec<f32>,
+        shape: [i64; 4],
+        targets: Vec<i64>,
+    },
+    /// Made on an accelerator by its kernels, which leave the CPU's threads alone.
+    Device(Batch),
+}
+
+impl Prepared {
+    fn into_batch(self) -> Batch {
+        match self {
+            Prepared::Host {
+                inputs,
+                shape,
+                targets,
+            } => Batch {
+                inputs: Tensor::from_slice(&inputs).view(shape),
+                targets: Tensor::from_slice(&targets),
+            },
+            Prepared::Device(batch) => batch,
+        }
+    }
+}
+
 /// The batches of one epoch, as an iterator. Build a new `Loader` for every epoch.
 pub struct Loader {
     // An Option so that Drop can close the channel before joining the worker.
-    rx: Option<Receiver<Batch>>,
+    rx: Option<Receiver<Prepared>>,
     worker: Option<JoinHandle<()>>,
     total: usize,
     yielded: usize,
@@ -112,10 +146,11 @@ impl Loader {
         };
         // `Dataset` is not `Sync`, so the worker gets its own handles to the same storage.
         let data = ds.shallow_clone();
-        let (tx, rx) = sync_channel::<Batch>(PREFETCH);
+        let (tx, rx) = sync_channel::<Prepared>(PREFETCH);
         let augment = opts.augment;
         let worker = std::thread::Builder::new()
-            .name(format!("trellis-loader-e{}", opts.epoch))
+            // Short enough to survive the kernel's 15-byte limit on thread names whole.
+            .name(format!("loader-e{}", opts.epoch))
             .spawn(move || {
                 let mut order: Vec<i64> = (0..n as i64).collect();
                 if opts.shuffle {
@@ -144,7 +179,7 @@ impl Loader {
                         Shard::Batches { .. } => continue,
                     };
                     let batch = match &on_device {
-                        Some(d) => d.batch(chunk, draws),
+                        Some(d) => Prepared::Device(d.batch(chunk, draws)),
                         None => host_batch(&data, &labels, chunk, draws, [c, h, w], &tables),
                     };
                     if tx.send(batch).is_err() {
@@ -221,11 +256,8 @@ impl Draw {
     }
 }
 
-/// A batch built on the CPU in plain Rust.
-///
-/// Each image is copied out on its own rather than gathered with `index_select`: that would be a
-/// parallel libtorch operation on this thread, and with OpenMP every thread that calls one gets a
-/// team of its own, whose threads then compete with the training step's for the same cores.
+/// A batch built on the CPU in plain Rust, without a libtorch operation (see [`Prepared::Host`]):
+/// each image is copied out on its own rather than gathered with `index_select`.
 fn host_batch(
     data: &Dataset,
     labels: &[i64],
@@ -233,7 +265,7 @@ fn host_batch(
     draws: &[Draw],
     [c, h, w]: [usize; 3],
     tables: &[[f32; 256]],
-) -> Batch {
+) -> Prepared {
     let b = chunk.len();
     let per_image = c * h * w;
     let mut image = vec![0u8; per_image];
@@ -242,11 +274,10 @@ fn host_batch(
         data.images.get(i).copy_data(&mut image, per_image);
         augment_into(&image, dst, [c, h, w], d.dy, d.dx, d.flip, tables);
     }
-    let inputs = Tensor::from_slice(&out).view([b as i64, c as i64, h as i64, w as i64]);
-    let targets: Vec<i64> = chunk.iter().map(|&i| labels[i as usize]).collect();
-    Batch {
-        inputs,
-        targets: Tensor::from_slice(&targets),
+    Prepared::Host {
+        inputs: out,
+        shape: [b as i64, c as i64, h as i64, w as i64],
+        targets: chunk.iter().map(|&i| labels[i as usize]).collect(),
     }
 }
 
@@ -310,7 +341,7 @@ impl Iterator for Loader {
         match batch {
             Some(batch) => {
                 self.yielded += 1;
-                Some(batch)
+                Some(batch.into_batch())
             }
             None => {
                 // The worker ended before sending every batch: only a panic does that.
@@ -512,7 +543,8 @@ mod tests {
         let draws: Vec<Draw> = chunk.iter().map(|_| Draw::new(&mut rng, true)).collect();
         assert!(draws.iter().any(|d| d.flip) && draws.iter().any(|d| !d.flip));
         assert!(draws.iter().any(|d| (d.dy, d.dx) != (PAD, PAD)));
-        let host = host_batch(&ds, &ds.label_vec(), &chunk, &draws, [3, 8, 8], &tables);
+        let host =
+            host_batch(&ds, &ds.label_vec(), &chunk, &draws, [3, 8, 8], &tables).into_batch();
         let device = DeviceData::new(&ds, &tables, Device::Cpu).batch(&chunk, &draws);
         assert_eq!(Vec::<i64>::try_from(&host.targets).unwrap(), chunk);
         assert!(device.targets.equal(&host.targets));
@@ -548,6 +580,44 @@ mod tests {
         let cuda = to_cpu(&cuda);
         assert_eq!(cat_targets(&cuda), cat_targets(&cpu));
         assert!(cat_inputs(&cuda).equal(&cat_inputs(&cpu)));
+    }
+
+    /// A libtorch operation on the worker thread would give it an OpenMP team whose threads
+    /// live as long as it does, and the training step's threads stop spin-waiting once OpenMP
+    /// counts more threads than cores (see [`Prepared::Host`]). A thread starts with its
+    /// creator's name, so such a team shows up as a second thread under the worker's name.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn data_loader_worker_starts_no_openmp_team() {
+        if tch::get_num_threads() < 2 {
+            tch::set_num_threads(2);
+        }
+        // Batches of 16 images of 3×32×32: past the 32,768 values at which libtorch goes
+        // parallel. An epoch number no other test uses names this worker alone.
+        let n = 160;
+        let images = Tensor::arange(n * 3 * 32 * 32, (tch::Kind::Int64, Device::Cpu))
+            .remainder(256)
+            .to_kind(tch::Kind::Uint8)
+            .view([n, 3, 32, 32]);
+        let ds = Dataset::new(
+            images,
+            Tensor::arange(n, (tch::Kind::Int64, Device::Cpu)),
+            n,
+        )
+        .unwrap();
+        let epoch = 424_242;
+        let mut loader = Loader::new(&ds, opts(16, epoch));
+        let first = loader.next().unwrap();
+        assert_eq!(first.inputs.size(), [16, 3, 32, 32]);
+        // The worker is alive, blocked on handing over batch 5 of 10.
+        let name = format!("loader-e{epoch}");
+        let named: Vec<String> = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .map(|comm| comm.trim_end().to_string())
+            .filter(|comm| *comm == name)
+            .collect();
+        assert_eq!(named.len(), 1, "threads named {name}: {named:?}");
     }
 
     #[test]
