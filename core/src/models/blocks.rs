@@ -151,21 +151,24 @@ impl Conv2d {
     }
 }
 
-/// A 1×1 convolution with stride s and no padding reads every s-th pixel, so on the CPU it runs as
-/// that subsampling followed by a stride-1 convolution: the same outputs and gradients. The
-/// reason is a libtorch 2.11 bug, not speed: oneDNN's AVX2 kernel for the weight gradient of a
-/// strided 1×1 convolution over fewer than 8 input channels writes past its buffer (heap
-/// corruption, then a crash: `F.conv2d(x, w, None, 2)` with x channels-last 40×4×32×32 and
-/// `DNNL_MAX_CPU_ISA=AVX2` aborts PyTorch itself), which a ResNet's shortcut at width 0.0625 hits
-/// on every CPU without AVX-512.
+/// A 1×1 convolution with stride s and no padding reads every s-th pixel, so on the CPU one over
+/// fewer than 8 input channels runs as that subsampling followed by a stride-1 convolution: the
+/// same outputs and gradients. The reason is a libtorch 2.11 bug: oneDNN's AVX2 kernel for the
+/// weight gradient of a strided 1×1 convolution over fewer than 8 input channels writes past its
+/// buffer (heap corruption, then a crash: `F.conv2d(x, w, None, 2)` with x channels-last
+/// 40×4×32×32 and `DNNL_MAX_CPU_ISA=AVX2` aborts PyTorch itself), which a ResNet's shortcut at
+/// width 0.0625 hits on every CPU without AVX-512. Only then: elsewhere the detour costs a copy of
+/// the subsampled input forward and a zero-filled full-size gradient backward (2 % of a
+/// width-16 ResNet18 training step).
 fn strided_pointwise_as_subsampling(
     x: &Tensor,
     weight: &Tensor,
     stride: i64,
     padding: i64,
 ) -> (Tensor, i64) {
-    let pointwise = weight.size()[2..] == [1, 1];
-    if pointwise && stride > 1 && padding == 0 && x.device() == tch::Device::Cpu {
+    let size = weight.size();
+    let narrow_pointwise = size[1] < 8 && size[2..] == [1, 1];
+    if narrow_pointwise && stride > 1 && padding == 0 && x.device() == tch::Device::Cpu {
         let every = |x: Tensor, dim| x.slice(dim, 0, None, stride);
         (every(every(x.shallow_clone(), 2), 3), 1)
     } else {
