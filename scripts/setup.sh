@@ -42,33 +42,52 @@ echo "setup: libtorch $("$python" -c 'import torch; print(torch.__version__)') a
 
 # Only Gloo's headers are used, and only for types that ProcessGroupGloo.hpp names behind pointers
 # (Device, Context, Store): every Gloo function that runs is the wheel's own copy in libtorch_cpu.
+# A Debian package unpacked into the cache (nothing installed system-wide): unpack_deb PACKAGE DIR.
+unpack_deb() {
+    command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null || return 0
+    echo "setup: unpacking $1 into $2 (one time)" >&2
+    mkdir -p "$cache"
+    local tmp deb
+    tmp=$(mktemp -d "$cache/$1-download.XXXXXX")
+    # apt-get download writes into the working directory; a fresh machine may have no package
+    # lists yet, so they are fetched once if the first try fails.
+    if ! (cd "$tmp" && apt-get download -q "$1" >/dev/null 2>&1); then
+        apt-get update -q >/dev/null 2>&1 || true
+        (cd "$tmp" && apt-get download -q "$1" >/dev/null 2>&1) || true
+    fi
+    deb=$(ls "$tmp/$1"_*.deb 2>/dev/null | head -n 1 || true)
+    if [ -n "$deb" ]; then
+        dpkg-deb -x "$deb" "$tmp/root"
+        dpkg-deb -f "$deb" Version >"$tmp/root/VERSION"
+        rm -rf "$2"
+        mv "$tmp/root" "$2"
+    fi
+    rm -rf "$tmp"
+}
+
 gloo=$cache/gloo-headers
 have_gloo() { [ -f "$gloo/usr/include/gloo/rendezvous/store.h" ]; }
 if ! have_gloo; then
-    if command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null; then
-        echo "setup: unpacking libgloo-dev's headers into $gloo (one time)" >&2
-        mkdir -p "$cache"
-        tmp=$(mktemp -d "$cache/gloo-download.XXXXXX")
-        # apt-get download writes into the working directory; a fresh machine may have no package
-        # lists yet, so they are fetched once if the first try fails.
-        if ! (cd "$tmp" && apt-get download -q libgloo-dev >/dev/null 2>&1); then
-            apt-get update -q >/dev/null 2>&1 || true
-            (cd "$tmp" && apt-get download -q libgloo-dev >/dev/null 2>&1) || true
-        fi
-        deb=$(ls "$tmp"/libgloo-dev_*.deb 2>/dev/null | head -n 1 || true)
-        if [ -n "$deb" ]; then
-            dpkg-deb -x "$deb" "$tmp/root"
-            dpkg-deb -f "$deb" Version >"$tmp/root/VERSION"
-            rm -rf "$gloo"
-            mv "$tmp/root" "$gloo"
-        fi
-        rm -rf "$tmp"
-    fi
+    unpack_deb libgloo-dev "$gloo"
     have_gloo || echo "setup: warning: could not get libgloo-dev's headers (apt-get download libgloo-dev); trellis-dist will not build" >&2
 fi
 if have_gloo; then
     ln -sfn "$gloo/usr/include" "$repo/.gloo-include"
     echo "setup: Gloo headers from libgloo-dev $(cat "$gloo/VERSION" 2>/dev/null || echo '(unknown version)') at $gloo" >&2
+fi
+
+# The speed benchmark gives its "PyTorch tuned" side the allocator Trellis links in (jemalloc,
+# configured as `.cargo/config.toml` configures Trellis's), preloaded from Debian's libjemalloc2.
+jemalloc=$cache/jemalloc
+find_jemalloc() { find "$jemalloc" -name 'libjemalloc.so.2' 2>/dev/null | head -n 1; }
+if [ -z "$(find_jemalloc)" ]; then
+    unpack_deb libjemalloc2 "$jemalloc"
+fi
+if [ -n "$(find_jemalloc)" ]; then
+    ln -sfn "$(find_jemalloc)" "$repo/.libjemalloc.so"
+    echo "setup: jemalloc $(cat "$jemalloc/VERSION" 2>/dev/null || echo '(unknown version)') for the benchmark's PyTorch side at $(find_jemalloc)" >&2
+else
+    echo "setup: warning: could not get libjemalloc2 (apt-get download libjemalloc2); the speed benchmark's tuned PyTorch side will not start" >&2
 fi
 
 # CUDA builds of torch 2.11 pin their toolkit through the cuda-toolkit metapackage; its crt and

@@ -137,11 +137,14 @@ def write_safetensors(path, tensors):
 
 
 class Session:
-    def __init__(self, channels_last):
+    def __init__(self, channels_last, compile):
         self.model = None
+        # What the timed steps and passes call: the model, or torch.compile of it.
+        self.run_model = None
         self.opt = None
         self.batches = []
         self.channels_last = channels_last
+        self.compile = compile
 
     def layout(self, x):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
@@ -165,13 +168,14 @@ class Session:
         ]
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.run_model = torch.compile(self.model) if self.compile else self.model
         return {"parameters": sum(p.numel() for p in self.model.parameters())}
 
     def step(self, x, y, autocast=False):
         self.opt.zero_grad()
         # As PyTorch's AMP recipe has it: forward and loss under autocast, backward outside.
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = F.cross_entropy(self.model(x), y)
+            loss = F.cross_entropy(self.run_model(x), y)
         loss.backward()
         self.opt.step()
         return loss
@@ -266,7 +270,7 @@ class Session:
         with torch.no_grad():
             correct = torch.zeros((), dtype=torch.int64)
             for i in range(0, images, batch_size):
-                logits = self.model(self.layout(data[i : i + batch_size]))
+                logits = self.run_model(self.layout(data[i : i + batch_size]))
                 correct += logits.argmax(1).eq(0).sum()
         seconds = time.perf_counter() - started
         return {"seconds": [seconds], "checksum": correct.item()}
@@ -312,8 +316,8 @@ def peak_rss_kb():
     return 0
 
 
-def serve(channels_last):
-    session = Session(channels_last)
+def serve(channels_last, compile):
+    session = Session(channels_last, compile)
     for line in sys.stdin:
         request = json.loads(line)
         command = request.pop("cmd")
@@ -361,11 +365,12 @@ def augment_on_device(images, mean, std, generator):
     return (padded[batch, channel, rows, cols].float() / 255 - mean) / std
 
 
-def epochs(device, width, images, epochs, batch_size, channels_last):
+def epochs(device, width, images, epochs, batch_size, channels_last, compile):
     """`epochs` training epochs over `images` random CIFAR-shaped u8 images, the strongest plain
     PyTorch set-up for the device: the whole set resident there, shuffled and augmented there in
     batched tensor ops, SGD with foreach, the loss summed on the device and read once per epoch.
-    Prints each epoch's training seconds (the device synchronised before each clock reading)."""
+    Prints each epoch's training seconds (the device synchronised before each clock reading); with
+    torch.compile the first epoch includes the compilation."""
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
@@ -373,6 +378,7 @@ def epochs(device, width, images, epochs, batch_size, channels_last):
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, foreach=True)
+    run_model = torch.compile(model) if compile else model
     g = torch.Generator(device=device).manual_seed(0)
     data = torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, device=device, generator=g)
     labels = torch.randint(0, 10, (images,), device=device, generator=g)
@@ -392,7 +398,7 @@ def epochs(device, width, images, epochs, batch_size, channels_last):
                 x = x.contiguous(memory_format=torch.channels_last)
             y = labels[idx]
             opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(run_model(x), y)
             loss.backward()
             opt.step()
             total += loss.detach().double() * batch_size
@@ -402,6 +408,16 @@ def epochs(device, width, images, epochs, batch_size, channels_last):
         if loss_sum != loss_sum:
             raise ValueError("NaN loss")
     print(json.dumps({"train_seconds": seconds}), flush=True)
+
+
+def compile_error():
+    """None where torch.compile runs here; otherwise why not (inductor on the CPU needs a C++
+    compiler and Python's headers)."""
+    try:
+        torch.compile(lambda x: torch.relu(x) + 1)(torch.ones(8))
+        return None
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def main():
@@ -418,17 +434,21 @@ def main():
     parser.add_argument(
         "--channels-last", action="store_true", help="model and inputs in torch.channels_last, as Trellis runs on the CPU"
     )
+    parser.add_argument("--compile", action="store_true", help="torch.compile (inductor) the model")
     args = parser.parse_args()
     # Before any parallel work, as PyTorch requires for the inter-op pool.
     torch.set_num_interop_threads(args.interop_threads)
     torch.set_num_threads(args.threads)
     if args.epochs:
-        epochs(args.device, args.width, args.images, args.epochs, args.batch_size, args.channels_last)
+        epochs(args.device, args.width, args.images, args.epochs, args.batch_size, args.channels_last, args.compile)
     elif args.memory:
         memory(args.width, args.steps, args.batch_size, args.channels_last)
     else:
-        print(json.dumps({"ok": True, "torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
-        serve(args.channels_last)
+        hello = {"ok": True, "torch": torch.__version__, "threads": torch.get_num_threads()}
+        if args.compile:
+            hello["compile_error"] = compile_error()
+        print(json.dumps(hello), flush=True)
+        serve(args.channels_last, args.compile)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
-//! Trellis against PyTorch eager on the same libtorch: `cargo bench -p trellis --bench speed`.
+//! Trellis against PyTorch on the same libtorch: `cargo bench -p trellis --bench speed`.
 //!
-//! Every case runs on both sides in this one session, alternating (Trellis then PyTorch, then the
-//! other way round, rep after rep), so machine noise lands on both. The PyTorch side is
-//! `core/benches/pytorch_reference.py`, started once and driven over stdin/stdout. Both sides get
+//! PyTorch runs three ways, a column each ([`Variant`]): as users run it (eager, NCHW, glibc's
+//! malloc); "tuned", given the two CPU settings Trellis has built in that any PyTorch user can
+//! switch on (channels-last, and jemalloc configured as Trellis's); and `torch.compile`
+//! (inductor) on top of the tuned set-up, what a PyTorch user picks for speed, where it runs.
+//! Every case runs on every side in this one session, alternating (Trellis first, then the
+//! other way round, rep after rep), so machine noise lands on all. Each PyTorch side is
+//! `core/benches/pytorch_reference.py`, started once and driven over stdin/stdout. All sides get
 //! the same model (kuangliu's CIFAR ResNet18, loaded from the same initial weights), batch, dtype
-//! and thread counts, and the training cases first check that the two compute the same logits and
-//! the same SGD step.
+//! and thread counts, and the training cases first check that Trellis and PyTorch compute the
+//! same logits and the same SGD step.
 //!
 //! Flags (after `--`): `--quick` (a smoke run: fewer, smaller repetitions), `--threads N` (default:
 //! every core), `--cases a,b` (of train, autocast: the full-width training step under CPU bf16
@@ -14,12 +18,12 @@
 //! Synaptic-Flow's kthvalue threshold),
 //! `--device cpu|cuda` (where the `epoch` case trains; the others are CPU cases), `--python PATH`
 //! (default: the `.torch-python` link that scripts/setup.sh makes), `--python-env KEY=VALUE`
-//! (environment for the PyTorch side only), `--pytorch-channels-last` (the PyTorch side in the
-//! memory format Trellis's convolutions use on the CPU), `--max-load L` (before each case, wait
-//! for the 1-minute load average to drop below L).
+//! (environment for every PyTorch side), `--pytorch eager,tuned,compiled` (the PyTorch columns;
+//! all three by default), `--max-load L` (before each case, wait for the 1-minute load average
+//! to drop below L).
 //!
-//! The printed table gives medians and the ratio Trellis/PyTorch of times (lower is faster), or
-//! of peak memory. docs/PERFORMANCE.md explains each case.
+//! The printed table gives medians and the ratios Trellis/PyTorch of times (lower is faster), or
+//! of peak memory, one per PyTorch column. docs/PERFORMANCE.md explains each case.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -56,12 +60,10 @@ struct Args {
     threads: usize,
     cases: Vec<String>,
     python: Option<PathBuf>,
-    /// `--python-env KEY=VALUE`: environment for the PyTorch side only, e.g. to give it the
-    /// allocator behaviour Trellis has built in.
+    /// `--python-env KEY=VALUE`: environment for every PyTorch side.
     python_env: Vec<(String, String)>,
-    /// `--pytorch-channels-last`: the PyTorch side in `torch.channels_last` too, the memory
-    /// format Trellis's convolutions use on the CPU.
-    pytorch_channels_last: bool,
+    /// `--pytorch a,b`: the PyTorch columns.
+    variants: Vec<Variant>,
     /// `--max-load L`: before each case, wait (up to 15 minutes) for the 1-minute load average
     /// to drop below L, on machines shared with other work.
     max_load: Option<f64>,
@@ -91,7 +93,7 @@ fn parse_args() -> Result<Args> {
         cases: CASES.iter().map(|c| c.to_string()).collect(),
         python: None,
         python_env: Vec::new(),
-        pytorch_channels_last: false,
+        variants: Variant::ALL.to_vec(),
         max_load: None,
         device: Device::Cpu,
         memory_child: None,
@@ -101,7 +103,12 @@ fn parse_args() -> Result<Args> {
         let mut value = |name: &str| it.next().ok_or_else(|| anyhow!("{name} needs a value"));
         match arg.as_str() {
             "--quick" => args.quick = true,
-            "--pytorch-channels-last" => args.pytorch_channels_last = true,
+            "--pytorch" => {
+                args.variants = value("--pytorch")?
+                    .split(',')
+                    .map(Variant::parse)
+                    .collect::<Result<_>>()?;
+            }
             "--max-load" => args.max_load = Some(value("--max-load")?.parse()?),
             "--threads" => args.threads = value("--threads")?.parse()?,
             "--device" => {
@@ -135,7 +142,7 @@ fn parse_args() -> Result<Args> {
             other => bail!(
                 "unknown argument `{other}`\n  usage: cargo bench -p trellis --bench speed -- \
                  [--quick] [--threads N] [--cases {}] [--python PATH] [--python-env KEY=VALUE] \
-                 [--pytorch-channels-last] [--max-load L] [--device cpu|cuda]",
+                 [--pytorch eager,tuned,compiled] [--max-load L] [--device cpu|cuda]",
                 CASES.join(",")
             ),
         }
@@ -173,6 +180,7 @@ fn profile_dir() -> Result<PathBuf> {
 // The PyTorch side
 
 struct PyTorch {
+    variant: Variant,
     child: Child,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
@@ -204,9 +212,68 @@ fn reference_script() -> PathBuf {
     workspace_root().join("core/benches/pytorch_reference.py")
 }
 
-/// The reference script with the session's threads and PyTorch-side options.
-fn python_command(args: &Args) -> Result<Command> {
+/// One way of running PyTorch: a column of the table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Variant {
+    /// As users run it: eager, NCHW, glibc's malloc.
+    Eager,
+    /// Eager with Trellis's two CPU settings that a PyTorch user can switch on: channels-last
+    /// convolutions, and jemalloc as the allocator, configured as Trellis's.
+    Tuned,
+    /// `torch.compile` (inductor) of the tuned set-up.
+    Compiled,
+}
+
+impl Variant {
+    const ALL: [Variant; 3] = [Variant::Eager, Variant::Tuned, Variant::Compiled];
+
+    fn parse(name: &str) -> Result<Variant> {
+        Ok(match name {
+            "eager" => Variant::Eager,
+            "tuned" => Variant::Tuned,
+            "compiled" => Variant::Compiled,
+            other => bail!("--pytorch takes eager, tuned and compiled, not `{other}`"),
+        })
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Variant::Eager => "PyTorch",
+            Variant::Tuned => "PyTorch tuned",
+            Variant::Compiled => "torch.compile",
+        }
+    }
+
+    fn tuned(self) -> bool {
+        self != Variant::Eager
+    }
+}
+
+/// The allocator configuration Trellis compiles into its jemalloc (`.cargo/config.toml`), for
+/// the tuned PyTorch sides.
+const TRELLIS_MALLOC_CONF: &str = env!("JEMALLOC_SYS_WITH_MALLOC_CONF");
+
+/// jemalloc for the tuned PyTorch sides: the `.libjemalloc.so` link scripts/setup.sh makes.
+fn jemalloc_path() -> Result<PathBuf> {
+    let link = workspace_root().join(".libjemalloc.so");
+    ensure!(
+        link.exists(),
+        "{} is missing: the tuned PyTorch sides preload jemalloc from it\n  help: run \
+         scripts/setup.sh (it unpacks Debian's libjemalloc2), or leave those sides out with \
+         --pytorch eager",
+        link.display()
+    );
+    Ok(link)
+}
+
+/// The reference script for `variant`, with the session's threads and `--python-env`.
+fn python_command(args: &Args, variant: Variant) -> Result<Command> {
     let mut command = Command::new(python_path(args.python.as_deref())?);
+    if variant.tuned() {
+        command
+            .env("LD_PRELOAD", jemalloc_path()?)
+            .env("MALLOC_CONF", TRELLIS_MALLOC_CONF);
+    }
     command
         .envs(args.python_env.iter().map(|(k, v)| (k, v)))
         .arg(reference_script())
@@ -216,22 +283,27 @@ fn python_command(args: &Args) -> Result<Command> {
             "--interop-threads",
             "1",
         ]);
-    if args.pytorch_channels_last {
+    if variant.tuned() {
         command.arg("--channels-last");
+    }
+    if variant == Variant::Compiled {
+        command.arg("--compile");
     }
     Ok(command)
 }
 
 impl PyTorch {
-    fn start(args: &Args) -> Result<PyTorch> {
-        let mut child = python_command(args)?
+    /// The side for `variant`; for `torch.compile`, `Ok(Err(why))` where it cannot run here.
+    fn start(args: &Args, variant: Variant) -> Result<std::result::Result<PyTorch, String>> {
+        let mut child = python_command(args, variant)?
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .context("cannot start the PyTorch side")?;
+            .with_context(|| format!("cannot start the {} side", variant.label()))?;
         let stdin = child.stdin.take().expect("piped");
         let stdout = BufReader::new(child.stdout.take().expect("piped"));
         let mut py = PyTorch {
+            variant,
             child,
             stdin,
             stdout,
@@ -245,7 +317,10 @@ impl PyTorch {
             hello["threads"],
             args.threads
         );
-        Ok(py)
+        if let Some(why) = hello["compile_error"].as_str() {
+            return Ok(Err(why.to_string()));
+        }
+        Ok(Ok(py))
     }
 
     fn read(&mut self) -> Result<Value> {
@@ -267,8 +342,9 @@ impl PyTorch {
         args["cmd"] = json!(cmd);
         writeln!(self.stdin, "{args}")?;
         self.stdin.flush()?;
+        let label = self.variant.label();
         self.read()
-            .with_context(|| format!("PyTorch side, `{cmd}`"))
+            .with_context(|| format!("{label} side, `{cmd}`"))
     }
 
     fn seconds(&mut self, cmd: &str, args: Value) -> Result<Vec<f64>> {
@@ -659,18 +735,18 @@ fn median(xs: &[f64]) -> f64 {
     }
 }
 
+/// One case: the median of each column (the first is the one the ratios divide; `None` for a
+/// side the case does not run on), with sample counts and (min, max) for the log.
 struct Row {
     case: String,
     unit: &'static str,
-    trellis: f64,
-    pytorch: f64,
-    samples: (usize, usize),
-    /// (min, max) of each side, for the log.
-    ranges: [(f64, f64); 2],
+    values: Vec<Option<f64>>,
+    samples: Vec<usize>,
+    ranges: Vec<Option<(f64, f64)>>,
 }
 
 impl Row {
-    fn new(case: &str, unit: &'static str, trellis: &[f64], pytorch: &[f64], scale: f64) -> Row {
+    fn new(case: &str, unit: &'static str, columns: &[Option<&[f64]>], scale: f64) -> Row {
         let range = |xs: &[f64]| {
             let lo = xs.iter().copied().fold(f64::INFINITY, f64::min);
             let hi = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -679,16 +755,41 @@ impl Row {
         Row {
             case: case.to_string(),
             unit,
-            trellis: median(trellis) * scale,
-            pytorch: median(pytorch) * scale,
-            samples: (trellis.len(), pytorch.len()),
-            ranges: [range(trellis), range(pytorch)],
+            values: columns
+                .iter()
+                .map(|c| c.map(|xs| median(xs) * scale))
+                .collect(),
+            samples: columns.iter().map(|c| c.map_or(0, <[f64]>::len)).collect(),
+            ranges: columns.iter().map(|c| c.map(range)).collect(),
+        }
+    }
+
+    /// A row of two columns that both ran.
+    fn pair(case: &str, unit: &'static str, first: &[f64], second: &[f64], scale: f64) -> Row {
+        Row::new(case, unit, &[Some(first), Some(second)], scale)
+    }
+
+    /// The first column over column `i`.
+    fn ratio(&self, i: usize) -> Option<f64> {
+        Some(self.values[0]? / self.values[i]?)
+    }
+
+    /// "name median unit (min–max)" for the log, one column.
+    fn describe(&self, i: usize, name: &str) -> String {
+        match (self.values[i], self.ranges[i]) {
+            (Some(v), Some((lo, hi))) => {
+                format!("{name} {v:.4} {u} ({lo:.4}–{hi:.4})", u = self.unit)
+            }
+            _ => format!("{name} not run"),
         }
     }
 }
 
 struct Report {
+    /// Against PyTorch: Trellis, then one column per side.
     rows: Vec<Row>,
+    /// The PyTorch sides' names, in column order.
+    sides: Vec<&'static str>,
     /// Trellis against itself: plugins (first column) against static linking (second).
     dispatch: Option<Row>,
     /// Trellis against itself: f_lin's epoch (first column) against f's (second).
@@ -698,16 +799,14 @@ struct Report {
 
 impl Report {
     fn add(&mut self, row: Row) {
-        let [(t_lo, t_hi), (p_lo, p_hi)] = row.ranges;
-        eprintln!(
-            "  {}: Trellis {:.4} {u} ({t_lo:.4}–{t_hi:.4}), PyTorch {:.4} {u} ({p_lo:.4}–{p_hi:.4}), \
-             ratio {:.3}",
-            row.case,
-            row.trellis,
-            row.pytorch,
-            row.trellis / row.pytorch,
-            u = row.unit
-        );
+        let mut line = format!("  {}: {}", row.case, row.describe(0, "Trellis"));
+        for (i, side) in self.sides.iter().enumerate() {
+            line += &format!(", {}", row.describe(i + 1, side));
+            if let Some(r) = row.ratio(i + 1) {
+                line += &format!(" (ratio {r:.3})");
+            }
+        }
+        eprintln!("{line}");
         self.rows.push(row);
     }
 
@@ -725,16 +824,14 @@ impl Report {
             .map(|r| r.case.chars().count())
             .max()
             .unwrap_or(4);
-        print_table(width, ["Trellis", "PyTorch", "Trellis/PyTorch"], &self.rows);
+        let mut columns = vec!["Trellis"];
+        columns.extend(&self.sides);
+        print_table(width, &columns, &self.rows);
         if let Some(r) = &self.dispatch {
-            print_table(
-                width,
-                ["plugins", "static", "plugins/static"],
-                std::slice::from_ref(r),
-            );
+            print_table(width, &["plugins", "static"], std::slice::from_ref(r));
         }
         if !self.linearized.is_empty() {
-            print_table(width, ["f_lin", "f", "f_lin/f"], &self.linearized);
+            print_table(width, &["f_lin", "f"], &self.linearized);
         }
         println!();
         for n in &self.notes {
@@ -743,51 +840,112 @@ impl Report {
     }
 }
 
-/// One Markdown table of rows: the first column against the second (`columns`: their names and
-/// the ratio's).
-fn print_table(width: usize, columns: [&str; 3], rows: &[Row]) {
+/// One Markdown table of rows: a value column per name in `columns`, then the first column's
+/// ratio to each of the others ("–" where a side did not run the case).
+fn print_table(width: usize, columns: &[&str], rows: &[Row]) {
+    let ratios: Vec<String> = columns[1..]
+        .iter()
+        .map(|c| format!("{}/{c}", columns[0]))
+        .collect();
+    let cell = |w: usize| "-".repeat(w + 2);
+    let widths: Vec<usize> = columns
+        .iter()
+        .map(|c| c.chars().count().max(12))
+        .chain(ratios.iter().map(|r| r.chars().count().max(6)))
+        .collect();
+    let mut header = format!("| {:width$} |", "case");
+    let mut rule = format!("|{}|", cell(width));
+    for (name, w) in columns
+        .iter()
+        .map(|c| c.to_string())
+        .chain(ratios.iter().cloned())
+        .zip(&widths)
+    {
+        header += &format!(" {name:>w$} |");
+        rule += &format!("{}|", cell(*w));
+    }
     println!();
-    println!(
-        "| {:width$} | {:>14} | {:>14} | {:>15} | {:>7} |",
-        "case", columns[0], columns[1], columns[2], "samples"
-    );
-    println!(
-        "|{}|{}|{}|{}|{}|",
-        "-".repeat(width + 2),
-        "-".repeat(16),
-        "-".repeat(16),
-        "-".repeat(17),
-        "-".repeat(9)
-    );
+    println!("{header} samples |");
+    println!("{rule}{}|", cell(7));
     for r in rows {
-        println!(
-            "| {:width$} | {:>14} | {:>14} | {:>15.3} | {:>7} |",
-            r.case,
-            format!("{:.4} {}", r.trellis, r.unit),
-            format!("{:.4} {}", r.pytorch, r.unit),
-            r.trellis / r.pytorch,
-            format!("{}/{}", r.samples.0, r.samples.1),
-        );
+        let mut line = format!("| {:width$} |", r.case);
+        let values = r
+            .values
+            .iter()
+            .map(|v| v.map_or("–".to_string(), |v| format!("{v:.4} {}", r.unit)));
+        let ratios =
+            (1..columns.len()).map(|i| r.ratio(i).map_or("–".to_string(), |x| format!("{x:.3}")));
+        for (text, w) in values.chain(ratios).zip(&widths) {
+            line += &format!(" {text:>w$} |");
+        }
+        let samples: Vec<String> = r.samples.iter().map(usize::to_string).collect();
+        println!("{line} {:>7} |", samples.join("/"));
     }
 }
 
-/// Runs `trellis` and `pytorch` alternately `reps` times, Trellis first on even reps.
+/// Runs `first` and `second` alternately `reps` times, `first` first on even reps.
 fn alternate(
     reps: usize,
-    mut trellis: impl FnMut() -> Result<Vec<f64>>,
-    mut pytorch: impl FnMut() -> Result<Vec<f64>>,
+    mut first: impl FnMut() -> Result<Vec<f64>>,
+    mut second: impl FnMut() -> Result<Vec<f64>>,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
-    let (mut t, mut p) = (Vec::new(), Vec::new());
+    let (mut a, mut b) = (Vec::new(), Vec::new());
     for rep in 0..reps {
         if rep % 2 == 0 {
-            t.extend(trellis()?);
-            p.extend(pytorch()?);
+            a.extend(first()?);
+            b.extend(second()?);
         } else {
-            p.extend(pytorch()?);
-            t.extend(trellis()?);
+            b.extend(second()?);
+            a.extend(first()?);
         }
     }
-    Ok((t, p))
+    Ok((a, b))
+}
+
+/// Each PyTorch side's samples, in column order; `None` for a side a case leaves out.
+type SideSamples = Vec<Option<Vec<f64>>>;
+
+/// Trellis and every PyTorch side that `runs`, alternately `reps` times: Trellis, then the sides
+/// in order on even reps; the sides in reverse order, then Trellis, on odd ones. Returns Trellis's
+/// samples and each side's (`None` for one left out).
+fn against_sides(
+    reps: usize,
+    sides: &mut [PyTorch],
+    runs: impl Fn(Variant) -> bool,
+    mut trellis: impl FnMut() -> Result<Vec<f64>>,
+    mut side: impl FnMut(&mut PyTorch) -> Result<Vec<f64>>,
+) -> Result<(Vec<f64>, SideSamples)> {
+    let mut ours = Vec::new();
+    let mut theirs: SideSamples = sides
+        .iter()
+        .map(|s| runs(s.variant).then(Vec::new))
+        .collect();
+    for rep in 0..reps {
+        let order: Vec<usize> = if rep % 2 == 0 {
+            (0..sides.len()).collect()
+        } else {
+            (0..sides.len()).rev().collect()
+        };
+        if rep % 2 == 0 {
+            ours.extend(trellis()?);
+        }
+        for i in order {
+            if let Some(samples) = &mut theirs[i] {
+                samples.extend(side(&mut sides[i])?);
+            }
+        }
+        if rep % 2 == 1 {
+            ours.extend(trellis()?);
+        }
+    }
+    Ok((ours, theirs))
+}
+
+/// The columns of a [`Row`] against the sides: Trellis's, then each side's.
+fn columns<'a>(trellis: &'a [f64], sides: &'a SideSamples) -> Vec<Option<&'a [f64]>> {
+    std::iter::once(Some(trellis))
+        .chain(sides.iter().map(|s| s.as_deref()))
+        .collect()
 }
 
 // -------------------------------------------------------------------------------------------
@@ -795,7 +953,8 @@ fn alternate(
 
 struct Bench {
     args: Args,
-    py: PyTorch,
+    /// The PyTorch columns that run here, in order.
+    sides: Vec<PyTorch>,
     plugins: Plugins,
     dir: tempfile::TempDir,
     report: Report,
@@ -819,21 +978,23 @@ impl Bench {
         }
     }
 
-    /// Saves `net`'s weights and has the PyTorch side build the same ResNet18 from them.
+    /// Saves `net`'s weights and has every PyTorch side build the same ResNet18 from them.
     fn load_pytorch_model(&mut self, net: &Network, width: f64) -> Result<()> {
         let weights = self.dir.path().join("weights.safetensors");
         net.save(&weights)?;
-        self.py.call(
-            "load_model",
-            json!({
-                "width": width,
-                "weights": weights,
-                "lr": LR,
-                "momentum": MOMENTUM,
-                "weight_decay": WEIGHT_DECAY,
-                "batch_size": BATCH,
-            }),
-        )?;
+        for side in &mut self.sides {
+            side.call(
+                "load_model",
+                json!({
+                    "width": width,
+                    "weights": weights,
+                    "lr": LR,
+                    "momentum": MOMENTUM,
+                    "weight_decay": WEIGHT_DECAY,
+                    "batch_size": BATCH,
+                }),
+            )?;
+        }
         Ok(())
     }
 
@@ -852,7 +1013,8 @@ impl Bench {
         let batch_file = self.dir.path().join("batch.safetensors");
         Tensor::write_safetensors(&[("inputs", &inputs), ("targets", &targets)], &batch_file)?;
         let out = self.dir.path().join("pytorch_step.safetensors");
-        self.py.call(
+        // The check runs an uncompiled copy of the model in any case: one side will do.
+        self.sides[0].call(
             "check_train",
             json!({"inputs": batch_file, "out": out, "channels_last": true}),
         )?;
@@ -937,44 +1099,62 @@ impl Bench {
         self.check_agreement(&mut run, label)?;
         run.autocast = autocast.then_some(Kind::BFloat16);
 
+        // Warm-up steps, untimed: for torch.compile they include the compilation.
         run.timed_steps(warmup)?;
-        self.py
-            .call("time_train", json!({"steps": warmup, "autocast": autocast}))?;
+        for side in &mut self.sides {
+            side.call("time_train", json!({"steps": warmup, "autocast": autocast}))?;
+        }
         let waits_before = run.loader.waits();
-        let py = &mut self.py;
-        let (mut ours, mut theirs) = (ProcessTimes::default(), ProcessTimes::default());
-        let (t, p) = alternate(
+        let mut ours = ProcessTimes::default();
+        let mut theirs: HashMap<&str, ProcessTimes> = HashMap::new();
+        let (t, p) = against_sides(
             reps,
+            &mut self.sides,
+            |_| true,
             || {
                 let before = ProcessTimes::now()?;
                 let times = run.timed_steps(per_rep)?;
                 ours.add(&ProcessTimes::now()?.since(&before));
                 Ok(times)
             },
-            || {
-                let reply = py.call(
+            |side| {
+                let reply = side.call(
                     "time_train",
                     json!({"steps": per_rep, "autocast": autocast}),
                 )?;
-                theirs.add(&ProcessTimes::from_reply(&reply));
+                theirs
+                    .entry(side.variant.label())
+                    .or_default()
+                    .add(&ProcessTimes::from_reply(&reply));
                 seconds_of(&reply, "time_train")
             },
         )?;
         let waits = run.loader.waits() - waits_before;
         let steps = t.len() as f64;
-        self.report.note(format!(
-            "{label}, per step: Trellis {:.3} s user + {:.3} s system CPU, {:.0} minor page \
-             faults; PyTorch {:.3} s user + {:.3} s system, {:.0} faults",
+        let mut cpu = format!(
+            "{label}, CPU per step: Trellis {:.3} s user + {:.3} s system, {:.0} minor page faults",
             ours.user / steps,
             ours.system / steps,
             ours.minor_faults / steps,
-            theirs.user / p.len() as f64,
-            theirs.system / p.len() as f64,
-            theirs.minor_faults / p.len() as f64,
-        ));
+        );
+        for side in &self.sides {
+            let times = &theirs[side.variant.label()];
+            cpu += &format!(
+                "; {} {:.3} s + {:.3} s, {:.0} faults",
+                side.variant.label(),
+                times.user / steps,
+                times.system / steps,
+                times.minor_faults / steps,
+            );
+        }
+        self.report.note(cpu);
         let _ = run.loss_sum.double_value(&[]);
-        self.report
-            .add(Row::new(&format!("{label} (s/step)"), "s", &t, &p, 1.0));
+        self.report.add(Row::new(
+            &format!("{label} (s/step)"),
+            "s",
+            &columns(&t, &p),
+            1.0,
+        ));
         self.report.note(format!(
             "{label}: {waits} of {} timed steps waited for their batch ({:.1} %)",
             t.len(),
@@ -998,11 +1178,16 @@ impl Bench {
         let batch = run.loader.next().ok_or_else(|| anyhow!("no batch"))?;
         let (logits, _) = run.model.forward(&batch.inputs)?;
         logits.cross_entropy_for_logits(&batch.targets).backward();
-        self.py.call("prepare_optimizer", json!({}))?;
+        // Eager sides only: the optimizer step is the same code under torch.compile.
+        let eager = |v: Variant| v != Variant::Compiled;
+        for side in self.sides.iter_mut().filter(|s| eager(s.variant)) {
+            side.call("prepare_optimizer", json!({}))?;
+        }
         let optimizer = &mut run.optimizer;
-        let py = &mut self.py;
-        let (t, p) = alternate(
+        let (t, p) = against_sides(
             reps,
+            &mut self.sides,
+            eager,
             || {
                 (0..per_rep)
                     .map(|_| {
@@ -1012,13 +1197,12 @@ impl Bench {
                     })
                     .collect()
             },
-            || py.seconds("time_optimizer", json!({"steps": per_rep})),
+            |side| side.seconds("time_optimizer", json!({"steps": per_rep})),
         )?;
         self.report.add(Row::new(
             "optimizer step, full width, foreach=True (ms)",
             "ms",
-            &t,
-            &p,
+            &columns(&t, &p),
             1e3,
         ));
         Ok(())
@@ -1047,9 +1231,10 @@ impl Bench {
             .into_iter()
             .map(|(name, _, t)| (name, t))
             .collect();
-        let py = &mut self.py;
-        let (t, p) = alternate(
+        let (t, p) = against_sides(
             reps,
+            &mut self.sides,
+            |v| v != Variant::Compiled,
             || {
                 // What `trellis run` does at its pruning step, less the host's checks: the
                 // pruner's exact global threshold and masks, applied.
@@ -1072,13 +1257,12 @@ impl Bench {
                 })?;
                 Ok(vec![started.elapsed().as_secs_f64()])
             },
-            || py.seconds("time_prune_magnitude", json!({"density": 0.1})),
+            |side| side.seconds("time_prune_magnitude", json!({"density": 0.1})),
         )?;
         self.report.add(Row::new(
             "magnitude masks, full width, global (s)",
             "s",
-            &t,
-            &p,
+            &columns(&t, &p),
             1.0,
         ));
         Ok(())
@@ -1094,41 +1278,61 @@ impl Bench {
         self.load_pytorch_model(&net, WIDTH_16)?;
         let model = SharedModel::new(net);
         model.set_training(false);
-        let py = &mut self.py;
-        let (t, p) = alternate(
+        // As `Trainer::evaluate`: batches from the loader, forward under no_grad.
+        let pass = || -> Result<Vec<f64>> {
+            let started = Instant::now();
+            let _no_grad = tch::no_grad_guard();
+            let mut hits = Tensor::zeros([], (Kind::Int64, Device::Cpu));
+            for batch in eval_loader(&data) {
+                let (logits, _) = model.forward(&batch.inputs)?;
+                hits += logits.argmax(1, false).eq(0).sum(Kind::Int64);
+            }
+            let _ = hits.int64_value(&[]);
+            Ok(vec![started.elapsed().as_secs_f64()])
+        };
+        // One untimed pass each (for torch.compile, the compilation of the evaluation graph).
+        pass()?;
+        for side in &mut self.sides {
+            side.call(
+                "time_eval",
+                json!({"images": 2 * EVAL_BATCH, "batch_size": EVAL_BATCH}),
+            )?;
+        }
+        let (t, p) = against_sides(
             reps,
-            || {
-                // As `Trainer::evaluate`: batches from the loader, forward under no_grad.
-                let started = Instant::now();
-                let _no_grad = tch::no_grad_guard();
-                let mut hits = Tensor::zeros([], (Kind::Int64, Device::Cpu));
-                for batch in eval_loader(&data) {
-                    let (logits, _) = model.forward(&batch.inputs)?;
-                    hits += logits.argmax(1, false).eq(0).sum(Kind::Int64);
-                }
-                let _ = hits.int64_value(&[]);
-                Ok(vec![started.elapsed().as_secs_f64()])
-            },
-            || {
-                py.seconds(
+            &mut self.sides,
+            |_| true,
+            pass,
+            |side| {
+                side.seconds(
                     "time_eval",
                     json!({"images": images, "batch_size": EVAL_BATCH}),
                 )
             },
         )?;
         let per_image = |s: &[f64]| s.iter().map(|x| x / images as f64).collect::<Vec<_>>();
+        let p_per_image: SideSamples =
+            p.iter().map(|s| s.as_deref().map(per_image)).collect();
         self.report.add(Row::new(
             &format!("eval, width 16, {images} images (ms/image)"),
             "ms",
-            &per_image(&t),
-            &per_image(&p),
+            &columns(&per_image(&t), &p_per_image),
             1e3,
         ));
-        self.report.note(format!(
-            "eval throughput: Trellis {:.0} images/s, PyTorch {:.0} images/s",
-            images as f64 / median(&t),
-            images as f64 / median(&p)
-        ));
+        let mut throughput = format!(
+            "eval throughput: Trellis {:.0} images/s",
+            images as f64 / median(&t)
+        );
+        for (side, samples) in self.sides.iter().zip(&p) {
+            if let Some(samples) = samples {
+                throughput += &format!(
+                    ", {} {:.0}",
+                    side.variant.label(),
+                    images as f64 / median(samples)
+                );
+            }
+        }
+        self.report.note(throughput);
         Ok(())
     }
 
@@ -1141,9 +1345,10 @@ impl Bench {
         // One thread on both sides: the loader's worker is one thread, and PyTorch's side sets
         // torch.set_num_threads(1) for this case.
         tch::set_num_threads(1);
-        let py = &mut self.py;
-        let result = alternate(
+        let result = against_sides(
             reps,
+            &mut self.sides,
+            |v| v != Variant::Compiled,
             || {
                 let started = Instant::now();
                 let mut loader = train_loader(&data, 0);
@@ -1155,8 +1360,8 @@ impl Bench {
                 std::hint::black_box(checksum);
                 Ok(vec![started.elapsed().as_secs_f64() / batches as f64])
             },
-            || {
-                py.seconds(
+            |side| {
+                side.seconds(
                     "time_augment",
                     json!({"images": images, "batch_size": BATCH, "batches": batches}),
                 )
@@ -1167,15 +1372,20 @@ impl Bench {
         self.report.add(Row::new(
             "augmented batch of 128, one thread (ms)",
             "ms",
-            &t,
-            &p,
+            &columns(&t, &p),
             1e3,
         ));
-        self.report.note(format!(
-            "data pipeline: Trellis {:.0} batches/s, PyTorch (batched tensor ops) {:.0} batches/s",
-            1.0 / median(&t),
-            1.0 / median(&p)
-        ));
+        let mut rates = format!("data pipeline: Trellis {:.0} batches/s", 1.0 / median(&t));
+        for (side, samples) in self.sides.iter().zip(&p) {
+            if let Some(samples) = samples {
+                rates += &format!(
+                    ", {} (batched tensor ops) {:.0}",
+                    side.variant.label(),
+                    1.0 / median(samples)
+                );
+            }
+        }
+        self.report.note(rates);
         Ok(())
     }
 
@@ -1236,20 +1446,18 @@ impl Bench {
             Ok(vec![started.elapsed().as_secs_f64()])
         };
         let (t, p) = alternate(reps, || short_run(true), || short_run(false))?;
-        let row = Row::new(
+        let row = Row::pair(
             &format!("{steps} steps + eval of {test_images} images (s)"),
             "s",
             &t,
             &p,
             1.0,
         );
-        let [(t_lo, t_hi), (p_lo, p_hi)] = row.ranges;
         eprintln!(
-            "  plugins {:.4} s ({t_lo:.4}–{t_hi:.4}), static {:.4} s ({p_lo:.4}–{p_hi:.4}), ratio \
-             {:.3}",
-            row.trellis,
-            row.pytorch,
-            row.trellis / row.pytorch
+            "  {}, {}, ratio {:.3}",
+            row.describe(0, "plugins"),
+            row.describe(1, "static"),
+            row.ratio(1).unwrap_or(f64::NAN)
         );
         self.report.dispatch = Some(row);
         self.call_overhead(&data)?;
@@ -1376,35 +1584,41 @@ impl Bench {
         };
         eprintln!("memory: peak RSS of {steps} training steps at width {width}, each side in its own process");
         let exe = std::env::current_exe()?;
-        let mut trellis_kb = Vec::new();
-        let mut pytorch_kb = Vec::new();
-        for _ in 0..self.sizes(1, 2) {
-            let out = Command::new(&exe)
-                .args(["--memory-child", &width.to_string(), &steps.to_string()])
-                .args(["--threads", &self.args.threads.to_string()])
-                .output()?;
-            ensure!(
-                out.status.success(),
-                "the memory child failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            trellis_kb.push(peak_from(&out.stdout)?);
-            let out = python_command(&self.args)?
-                .args(["--memory", "--width", &width.to_string()])
-                .args(["--steps", &steps.to_string()])
-                .output()?;
-            ensure!(
-                out.status.success(),
-                "the PyTorch memory run failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            pytorch_kb.push(peak_from(&out.stdout)?);
-        }
+        let args = &self.args;
+        let (trellis_kb, pytorch_kb) = against_sides(
+            self.sizes(1, 2),
+            &mut self.sides,
+            |v| v != Variant::Compiled,
+            || {
+                let out = Command::new(&exe)
+                    .args(["--memory-child", &width.to_string(), &steps.to_string()])
+                    .args(["--threads", &args.threads.to_string()])
+                    .output()?;
+                ensure!(
+                    out.status.success(),
+                    "the memory child failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                Ok(vec![peak_from(&out.stdout)?])
+            },
+            |side| {
+                let out = python_command(args, side.variant)?
+                    .args(["--memory", "--width", &width.to_string()])
+                    .args(["--steps", &steps.to_string()])
+                    .output()?;
+                ensure!(
+                    out.status.success(),
+                    "the {} memory run failed: {}",
+                    side.variant.label(),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                Ok(vec![peak_from(&out.stdout)?])
+            },
+        )?;
         self.report.add(Row::new(
             &format!("peak RSS, {steps} steps at width {width} (MiB)"),
             "MiB",
-            &trellis_kb,
-            &pytorch_kb,
+            &columns(&trellis_kb, &pytorch_kb),
             1.0 / 1024.0,
         ));
         Ok(())
@@ -1532,7 +1746,7 @@ impl Bench {
                 || self.timed_run(&lin_path, &run_dir),
                 || self.timed_run(&f_path, &run_dir),
             )?;
-            let row = Row::new(
+            let row = Row::pair(
                 &format!("epoch of {images} images, jvp = {jvp} (s)"),
                 "s",
                 &t,
@@ -1540,10 +1754,10 @@ impl Bench {
                 1.0,
             );
             eprintln!(
-                "  f_lin ({jvp}) {:.4} s, f {:.4} s, ratio {:.3}",
-                row.trellis,
-                row.pytorch,
-                row.trellis / row.pytorch
+                "  {}, {}, ratio {:.3}",
+                row.describe(0, &format!("f_lin ({jvp})")),
+                row.describe(1, "f"),
+                row.ratio(1).unwrap_or(f64::NAN)
             );
             self.report.linearized.push(row);
         }
@@ -1587,8 +1801,10 @@ impl Bench {
         let run_dir = self.dir.path().join("epoch-run");
         let mut waits = Vec::new();
         let args = &self.args;
-        let (t, p) = alternate(
+        let (t, p) = against_sides(
             reps,
+            &mut self.sides,
+            |_| true,
             || {
                 let _ = std::fs::remove_dir_all(&run_dir);
                 let out = Command::new(profile_dir()?.join("trellis"))
@@ -1615,8 +1831,8 @@ impl Bench {
                     .ok_or_else(|| anyhow!("no train_seconds in {last}"))?;
                 Ok(vec![seconds])
             },
-            || {
-                let mut command = python_command(args)?;
+            |side| {
+                let mut command = python_command(args, side.variant)?;
                 command
                     .args(["--epochs", &epochs.to_string()])
                     .args(["--images", &images.to_string()])
@@ -1625,7 +1841,8 @@ impl Bench {
                 let out = command.output()?;
                 ensure!(
                     out.status.success(),
-                    "the PyTorch epochs failed: {}",
+                    "the {} epochs failed: {}",
+                    side.variant.label(),
                     String::from_utf8_lossy(&out.stderr)
                 );
                 let text = String::from_utf8_lossy(&out.stdout);
@@ -1647,8 +1864,7 @@ impl Bench {
         self.report.add(Row::new(
             &format!("epoch, width {width}, {images} images, {device_name} (s)"),
             "s",
-            &t,
-            &p,
+            &columns(&t, &p),
             1.0,
         ));
         self.report.note(format!(
@@ -1726,12 +1942,28 @@ fn main() -> Result<()> {
     if let Some((width, steps)) = args.memory_child {
         return memory_child(width, steps);
     }
-    let py = PyTorch::start(&args)?;
+    let mut sides = Vec::new();
+    let mut notes = Vec::new();
+    for &variant in &args.variants {
+        match PyTorch::start(&args, variant)? {
+            Ok(side) => sides.push(side),
+            Err(why) => {
+                let note = format!("{} left out: it does not run here ({why})", variant.label());
+                eprintln!("{note}");
+                notes.push(note);
+            }
+        }
+    }
+    ensure!(!sides.is_empty(), "no PyTorch side to compare with");
+    let version = sides[0].version.clone();
     eprintln!(
-        "Trellis (tch 0.24, libtorch {}) vs PyTorch {} eager, {} threads (1 inter-op) each side, \
-         load average {} at start{}{}{}",
-        py.version,
-        py.version,
+        "Trellis (tch 0.24, libtorch {version}) vs PyTorch {version}: {}; {} threads (1 \
+         inter-op) each side, load average {} at start{}{}",
+        sides
+            .iter()
+            .map(|s| s.variant.label())
+            .collect::<Vec<_>>()
+            .join(", "),
         args.threads,
         load_average(),
         if args.quick { ", --quick" } else { "" },
@@ -1743,25 +1975,27 @@ fn main() -> Result<()> {
                 .iter()
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect();
-            format!(", PyTorch side with {}", env.join(" "))
+            format!(", PyTorch sides with {}", env.join(" "))
         },
-        if args.pytorch_channels_last {
-            ", PyTorch side in channels_last"
-        } else {
-            ""
-        }
     );
+    if sides.iter().any(|s| s.variant.tuned()) {
+        eprintln!(
+            "PyTorch tuned and torch.compile: channels-last, LD_PRELOAD={} MALLOC_CONF={TRELLIS_MALLOC_CONF}",
+            jemalloc_path()?.display()
+        );
+    }
     let plugins = Plugins::load()?;
     let mut bench = Bench {
-        py,
-        plugins,
-        dir: tempfile::tempdir()?,
         report: Report {
+            sides: sides.iter().map(|s| s.variant.label()).collect(),
             rows: Vec::new(),
             dispatch: None,
             linearized: Vec::new(),
-            notes: Vec::new(),
+            notes,
         },
+        sides,
+        plugins,
+        dir: tempfile::tempdir()?,
         args,
     };
     let cases = bench.args.cases.clone();
