@@ -4,7 +4,9 @@
 use anyhow::Result;
 use tch::Tensor;
 
-use super::blocks::{convolution_layout, BatchNorm2d, Builder, Conv2d, ConvInit, ConvSpec};
+use super::blocks::{
+    conv_bn, convolution_layout, BatchNorm2d, Builder, Conv2d, ConvInit, ConvSpec,
+};
 use super::scaled;
 use super::size::{dim, ModelSize};
 
@@ -58,10 +60,10 @@ impl BasicBlock {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let out = self.bn1.forward_t(&self.conv1.forward(x), train).relu();
-        let out = self.bn2.forward_t(&self.conv2.forward(&out), train);
+        let out = conv_bn(&self.conv1, &self.bn1, x, train).relu();
+        let out = conv_bn(&self.conv2, &self.bn2, &out, train);
         let short = match &self.shortcut {
-            Some((c, n)) => n.forward_t(&c.forward(x), train),
+            Some((c, n)) => conv_bn(c, n, x, train),
             None => x.shallow_clone(),
         };
         (out + short).relu()
@@ -133,7 +135,7 @@ impl ResNet {
     /// The last stage's activations `[B, C, H, W]`, before pooling (what Grad-CAM looks at).
     pub fn feature_map(&self, x: &Tensor, train: bool) -> Tensor {
         let x = convolution_layout(x);
-        let mut out = self.bn1.forward_t(&self.conv1.forward(&x), train).relu();
+        let mut out = conv_bn(&self.conv1, &self.bn1, &x, train).relu();
         for block in &self.blocks {
             out = block.forward_t(&out, train);
         }

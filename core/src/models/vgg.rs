@@ -4,7 +4,9 @@
 use anyhow::{ensure, Result};
 use tch::Tensor;
 
-use super::blocks::{convolution_layout, BatchNorm2d, Builder, Conv2d, ConvInit, ConvSpec};
+use super::blocks::{
+    conv_bn, convolution_layout, BatchNorm2d, Builder, Conv2d, ConvInit, ConvSpec,
+};
 use super::scaled;
 use super::size::{dim, product, ModelSize};
 
@@ -133,7 +135,7 @@ impl Vgg {
 
     fn apply(&self, stage: &Stage, x: &Tensor, train: bool) -> Tensor {
         match stage {
-            Stage::ConvBnRelu(conv, bn) => bn.forward_t(&conv.forward(x), train).relu(),
+            Stage::ConvBnRelu(conv, bn) => conv_bn(conv, bn, x, train).relu(),
             Stage::MaxPool => x.max_pool2d_default(2),
         }
     }
