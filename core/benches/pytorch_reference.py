@@ -141,6 +141,7 @@ class Session:
         self.model = None
         # What the timed steps and passes call: the model, or torch.compile of it.
         self.run_model = None
+        self.initial_weights = None
         self.opt = None
         self.batches = []
         self.channels_last = channels_last
@@ -169,6 +170,7 @@ class Session:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.run_model = torch.compile(self.model) if self.compile else self.model
+        self.initial_weights = None
         return {"parameters": sum(p.numel() for p in self.model.parameters())}
 
     def step(self, x, y, autocast=False):
@@ -247,11 +249,17 @@ class Session:
     def time_prune_magnitude(self, density):
         """Global magnitude pruning as Synaptic-Flow's Mag pruner does it: |w| of every conv and
         linear weight, one threshold by kthvalue over all of them, masks 0 where the score is <=
-        the threshold and 1 elsewhere, applied in place."""
+        the threshold and 1 elsewhere, applied in place. Every call prunes the weights as loaded,
+        as pruning at initialisation does."""
+        layers = (nn.Conv2d, nn.Linear)
+        weights = [m.weight for m in self.model.modules() if isinstance(m, layers)]
+        if self.initial_weights is None:
+            self.initial_weights = [w.detach().clone() for w in weights]
+        with torch.no_grad():
+            for w, w0 in zip(weights, self.initial_weights):
+                w.copy_(w0)
         started = time.perf_counter()
         with torch.no_grad():
-            layers = (nn.Conv2d, nn.Linear)
-            weights = [m.weight for m in self.model.modules() if isinstance(m, layers)]
             scores = [w.detach().abs() for w in weights]
             every = torch.cat([torch.flatten(s) for s in scores])
             k = int((1.0 - density) * every.numel())
