@@ -173,13 +173,20 @@ class Session:
         self.initial_weights = None
         return {"parameters": sum(p.numel() for p in self.model.parameters())}
 
-    def step(self, x, y, autocast=False):
-        self.opt.zero_grad()
+    def step(self, x, y, autocast=False, phases=None):
+        """One training step; appends [forward+loss, zero_grad+backward, optimizer] seconds to
+        `phases` when given (zero_grad is counted with backward, as on Trellis's side)."""
+        started = time.perf_counter()
         # As PyTorch's AMP recipe has it: forward and loss under autocast, backward outside.
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = F.cross_entropy(self.run_model(x), y)
+        forward = time.perf_counter()
+        self.opt.zero_grad()
         loss.backward()
+        backward = time.perf_counter()
         self.opt.step()
+        if phases is not None:
+            phases.append([forward - started, backward - forward, time.perf_counter() - backward])
         return loss
 
     def check_train(self, inputs, out, channels_last):
@@ -211,18 +218,20 @@ class Session:
     def time_train(self, steps, autocast=False):
         self.model.train()
         times = []
+        phases = []
         total = torch.zeros((), dtype=torch.float64)
         before = resource.getrusage(resource.RUSAGE_SELF)
         for i in range(steps):
             x, y = self.batches[i % len(self.batches)]
             started = time.perf_counter()
-            loss = self.step(x, y, autocast)
+            loss = self.step(x, y, autocast, phases)
             # Accumulated as a tensor, like Trellis's loop, rather than read each step.
             total += loss.detach().double() * x.shape[0]
             times.append(time.perf_counter() - started)
         after = resource.getrusage(resource.RUSAGE_SELF)
         return {
             "seconds": times,
+            "phases": phases,
             "loss_sum": total.item(),
             "user_seconds": after.ru_utime - before.ru_utime,
             "system_seconds": after.ru_stime - before.ru_stime,

@@ -353,6 +353,34 @@ impl PyTorch {
     }
 }
 
+/// The `phases` of a `time_train` reply: [forward, backward, optimizer] seconds per step.
+fn phases_of(reply: &Value) -> Result<Vec<[f64; 3]>> {
+    let steps = reply["phases"]
+        .as_array()
+        .ok_or_else(|| anyhow!("`time_train` returned no phases"))?;
+    steps
+        .iter()
+        .map(|step| {
+            let v: Vec<f64> = step
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_f64).collect())
+                .unwrap_or_default();
+            <[f64; 3]>::try_from(v).map_err(|v| anyhow!("a step's phases are {v:?}"))
+        })
+        .collect()
+}
+
+/// "a / b / c" of the phases' medians, in milliseconds.
+fn phase_medians(phases: &[[f64; 3]]) -> String {
+    (0..3)
+        .map(|i| {
+            let xs: Vec<f64> = phases.iter().map(|p| p[i]).collect();
+            format!("{:.1}", median(&xs) * 1e3)
+        })
+        .collect::<Vec<_>>()
+        .join(" / ")
+}
+
 fn seconds_of(reply: &Value, cmd: &str) -> Result<Vec<f64>> {
     reply["seconds"]
         .as_array()
@@ -616,6 +644,9 @@ struct Run {
     loss_sum: Tensor,
     /// Convolutions and linear layers in this kind (`[train] autocast`), as `Trainer` runs them.
     autocast: Option<Kind>,
+    /// Seconds of each step's phases: forward and loss, zeroed gradients and backward, the
+    /// optimizer. Where a step's time goes, side by side with PyTorch's split of its own.
+    phases: Vec<[f64; 3]>,
 }
 
 impl Run {
@@ -641,6 +672,7 @@ impl Run {
             loader: train_loader(data, 0),
             loss_sum: Tensor::zeros([], (Kind::Double, Device::Cpu)),
             autocast: None,
+            phases: Vec::new(),
         })
     }
 
@@ -649,14 +681,22 @@ impl Run {
     /// optimizer, and the loss accumulated without reading it.
     fn step(&mut self, batch: &Batch) -> Result<()> {
         let model = &self.model;
+        let started = Instant::now();
         let (logits, _) =
             trellis::models::autocast(self.autocast, || model.forward(&batch.inputs))?;
         let loss = logits.cross_entropy_for_logits(&batch.targets);
+        let forward = Instant::now();
         for p in &mut self.params {
             p.zero_grad();
         }
         loss.backward();
+        let backward = Instant::now();
         self.optimizer.step().map_err(sdk)?;
+        self.phases.push([
+            (forward - started).as_secs_f64(),
+            (backward - forward).as_secs_f64(),
+            backward.elapsed().as_secs_f64(),
+        ]);
         let n = batch.targets.size()[0];
         self.loss_sum += loss.detach().to_kind(Kind::Double) * n as f64;
         Ok(())
@@ -1105,8 +1145,10 @@ impl Bench {
             side.call("time_train", json!({"steps": warmup, "autocast": autocast}))?;
         }
         let waits_before = run.loader.waits();
+        run.phases.clear();
         let mut ours = ProcessTimes::default();
         let mut theirs: HashMap<&str, ProcessTimes> = HashMap::new();
+        let mut their_phases: HashMap<&str, Vec<[f64; 3]>> = HashMap::new();
         let (t, p) = against_sides(
             reps,
             &mut self.sides,
@@ -1126,6 +1168,10 @@ impl Bench {
                     .entry(side.variant.label())
                     .or_default()
                     .add(&ProcessTimes::from_reply(&reply));
+                their_phases
+                    .entry(side.variant.label())
+                    .or_default()
+                    .extend(phases_of(&reply)?);
                 seconds_of(&reply, "time_train")
             },
         )?;
@@ -1148,6 +1194,19 @@ impl Bench {
             );
         }
         self.report.note(cpu);
+        let mut split = format!(
+            "{label}, median ms per step of forward+loss / zero_grad+backward / optimizer: \
+             Trellis {}",
+            phase_medians(&run.phases)
+        );
+        for side in &self.sides {
+            split += &format!(
+                "; {} {}",
+                side.variant.label(),
+                phase_medians(&their_phases[side.variant.label()])
+            );
+        }
+        self.report.note(split);
         let _ = run.loss_sum.double_value(&[]);
         self.report.add(Row::new(
             &format!("{label} (s/step)"),
