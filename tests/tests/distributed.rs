@@ -87,6 +87,22 @@ fn two_ranks_train_what_one_process_trains_and_resume_across_world_sizes() {
     );
     assert_ok(&two);
     assert!(stderr(&two).contains("started 2 ranks"), "{}", stderr(&two));
+    // Started again over the finished run: the ranks refuse, and the launcher offers no resume.
+    let again = trellis(
+        d,
+        &["run", "run.toml", "--out", "two", "--nproc", "2", "--quiet"],
+    );
+    assert!(!again.status.success());
+    let launcher_says = stderr(&again)
+        .lines()
+        .find(|l| l.contains(" first ("))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        launcher_says.ends_with("its output says why"),
+        "{}",
+        stderr(&again)
+    );
     let (one, two) = (d.join("one"), d.join("two"));
     let diff = max_difference(&one, &two);
     eprintln!("2 ranks vs 1 process: largest weight difference {diff:e}");

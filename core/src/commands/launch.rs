@@ -17,6 +17,7 @@ use anyhow::{bail, Context, Result};
 
 use super::run::{RunInterrupted, RunOptions, INTERRUPTED_EXIT};
 use crate::config::LoadedConfig;
+use crate::run_dir::{read_state, Phase};
 
 /// Set by the launcher for its ranks: how many it started, so that the command rank 0 prints to
 /// resume the run starts as many.
@@ -165,10 +166,10 @@ pub fn launch(opts: &RunOptions, nproc: usize) -> Result<()> {
     }
     // A run directory that holds something to go on with (rather than none, or a finished run
     // that a rank refused to write over) gets the resume hint.
-    let resumable = std::fs::read_to_string(out.join("state.json"))
+    let resumable = read_state(&out)
         .ok()
-        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-        .is_some_and(|state| state["state"].as_str() != Some("finished"));
+        .flatten()
+        .is_some_and(|state| state.state != Phase::Finished);
     Err(RankFailed {
         message: if resumable {
             format!(
