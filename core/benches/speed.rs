@@ -981,6 +981,27 @@ fn against_sides(
     Ok((ours, theirs))
 }
 
+/// ", <side><how> <rate>" for every side that ran, `rate` of its samples: a note's figures for
+/// the PyTorch sides after Trellis's.
+fn per_side(
+    sides: &[PyTorch],
+    samples: &SideSamples,
+    how: &str,
+    rate: impl Fn(&[f64]) -> f64,
+) -> String {
+    sides
+        .iter()
+        .zip(samples)
+        .filter_map(|(side, s)| {
+            Some(format!(
+                ", {}{how} {:.0}",
+                side.variant.label(),
+                rate(s.as_deref()?)
+            ))
+        })
+        .collect()
+}
+
 /// The columns of a [`Row`] against the sides: Trellis's, then each side's.
 fn columns<'a>(trellis: &'a [f64], sides: &'a SideSamples) -> Vec<Option<&'a [f64]>> {
     std::iter::once(Some(trellis))
@@ -1388,20 +1409,12 @@ impl Bench {
             &columns(&per_image(&t), &p_per_image),
             1e3,
         ));
-        let mut throughput = format!(
-            "eval throughput: Trellis {:.0} images/s",
-            images as f64 / median(&t)
-        );
-        for (side, samples) in self.sides.iter().zip(&p) {
-            if let Some(samples) = samples {
-                throughput += &format!(
-                    ", {} {:.0}",
-                    side.variant.label(),
-                    images as f64 / median(samples)
-                );
-            }
-        }
-        self.report.note(throughput);
+        let images_per_second = |samples: &[f64]| images as f64 / median(samples);
+        self.report.note(format!(
+            "eval throughput: Trellis {:.0} images/s{}",
+            images_per_second(&t),
+            per_side(&self.sides, &p, "", images_per_second)
+        ));
         Ok(())
     }
 
@@ -1444,17 +1457,12 @@ impl Bench {
             &columns(&t, &p),
             1e3,
         ));
-        let mut rates = format!("data pipeline: Trellis {:.0} batches/s", 1.0 / median(&t));
-        for (side, samples) in self.sides.iter().zip(&p) {
-            if let Some(samples) = samples {
-                rates += &format!(
-                    ", {} (batched tensor ops) {:.0}",
-                    side.variant.label(),
-                    1.0 / median(samples)
-                );
-            }
-        }
-        self.report.note(rates);
+        let batches_per_second = |samples: &[f64]| 1.0 / median(samples);
+        self.report.note(format!(
+            "data pipeline: Trellis {:.0} batches/s{}",
+            batches_per_second(&t),
+            per_side(&self.sides, &p, " (batched tensor ops)", batches_per_second)
+        ));
         Ok(())
     }
 

@@ -252,11 +252,12 @@ pub fn masks_from_scores(
                 .collect()
         }
     };
-    let nothing = Cut {
-        threshold: 0,
-        ties: 0,
+    // The global cut is walked across the layers in order (its ties run on from one layer into
+    // the next); a layer's own cut starts afresh at each layer.
+    let mut global = match scope {
+        Scope::Global => Some(cuts[0].pruned()),
+        Scope::Layer => None,
     };
-    let mut global = cuts.first().unwrap_or(&nothing).pruned();
     let mut start = 0;
     params
         .iter()
@@ -265,19 +266,18 @@ pub fn masks_from_scores(
         .map(|(i, (param, size))| {
             let layer = &keys[start..start + size];
             start += size;
-            let kept: Vec<f32> = match scope {
-                Scope::Global => layer
-                    .iter()
-                    .map(|&key| f32::from(u8::from(!global(key))))
-                    .collect(),
-                Scope::Layer => {
-                    let mut pruned = cuts[i].pruned();
-                    layer
-                        .iter()
-                        .map(|&key| f32::from(u8::from(!pruned(key))))
-                        .collect()
+            let mut own;
+            let pruned: &mut dyn FnMut(u64) -> bool = match &mut global {
+                Some(global) => global,
+                None => {
+                    own = cuts[i].pruned();
+                    &mut own
                 }
             };
+            let kept: Vec<f32> = layer
+                .iter()
+                .map(|&key| f32::from(u8::from(!pruned(key))))
+                .collect();
             let mask = Tensor::f_from_slice(&kept)?
                 .f_view(param.tensor.size().as_slice())?
                 .f_to_kind(param.tensor.kind())?
